@@ -1,0 +1,51 @@
+"""netframe: fast, well-behaved TCP and UDP servers on asyncio, with sans-IO handlers.
+
+Serve a handler from code::
+
+    import netframe
+
+    class Shout(netframe.Handler):
+        def on_message(self, conn, message):
+            conn.send(message.upper())
+
+    netframe.run(handler=Shout, tcp=["127.0.0.1:7000"])   # blocks until Ctrl+C
+
+or, inside an application's event loop::
+
+    async with netframe.Server(handler=Shout, tcp=["127.0.0.1:0"]) as server:
+        host, port = server.address("tcp")
+        await server.serve_forever()
+"""
+
+from netframe._version import __version__
+from netframe.client import ClientError, TcpClient, UdpClient
+from netframe.config import Address, Config, ConfigError, parse_address
+from netframe.handlers import Connection, Handler, HandlerError, resolve_handler
+from netframe.handlers.echo import EchoHandler
+from netframe.handlers.greeting import GreetingHandler
+from netframe.logs import configure_logging
+from netframe.loops import LoopUnavailable
+from netframe.server import BoundAddress, ListenError, Server, run
+
+__all__ = [
+    "Address",
+    "BoundAddress",
+    "ClientError",
+    "Config",
+    "ConfigError",
+    "Connection",
+    "EchoHandler",
+    "GreetingHandler",
+    "Handler",
+    "HandlerError",
+    "ListenError",
+    "LoopUnavailable",
+    "Server",
+    "TcpClient",
+    "UdpClient",
+    "__version__",
+    "configure_logging",
+    "parse_address",
+    "resolve_handler",
+    "run",
+]

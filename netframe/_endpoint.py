@@ -1,0 +1,72 @@
+"""What the TCP and UDP endpoints share: the per-listener context and the error replies."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Any, Final
+
+from netframe.config import Config
+from netframe.framing import Framer, make_framer
+from netframe.handlers import Handler
+
+__all__ = ["EndpointContext", "error_reply", "format_peer"]
+
+# Connection ids are unique within the process, across listeners, for log correlation.
+_connection_ids = itertools.count(1)
+
+
+def format_peer(peer: tuple[Any, ...]) -> str:
+    """``("::1", 5000, 0, 0)`` -> ``"[::1]:5000"``; the form used in every log event."""
+    if len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer) if peer else "unknown"
+
+
+def error_reply(reason: str) -> bytes:
+    """The line netframe sends a client whose input it refuses (always ASCII)."""
+    return f"Error: {reason}".encode("ascii")
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class EndpointContext:
+    """Everything the endpoints of one server share, computed once at start."""
+
+    config: Config
+    handler_factory: Callable[[], Handler]
+    log: Any
+    # Live TCP endpoints, for graceful shutdown and stats.
+    connections: set[Any] = dataclasses.field(default_factory=set)
+    # Set by a stopping server; the last connection to close sets it.
+    all_closed: asyncio.Event | None = None
+    framer_factory: Callable[[], Framer] = dataclasses.field(init=False)
+    encoding: str = dataclasses.field(init=False)
+    # Per-message debug events are built only when debug is on: the hot path pays one
+    # attribute test instead of a logger call.
+    debug: bool = dataclasses.field(init=False)
+    undecodable_reply: bytes = dataclasses.field(init=False)
+    next_id: Callable[[], int] = dataclasses.field(init=False)
+    line_limit_reply: bytes = dataclasses.field(init=False)
+    strip_datagram_terminator: bool = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        config = self.config
+        self.framer_factory = make_framer(config.framing, config.max_line_bytes)
+        self.encoding = config.encoding
+        self.debug = (
+            bool(self.log.is_enabled_for(logging.DEBUG))
+            if hasattr(self.log, "is_enabled_for")
+            else True
+        )
+        self.undecodable_reply = error_reply(f"message is not valid {config.encoding}")
+        self.line_limit_reply = error_reply(f"line exceeds {config.max_line_bytes} bytes")
+        self.next_id = _connection_ids.__next__
+        self.strip_datagram_terminator = config.framing != "raw"
+
+
+UNDECODABLE_EVENT: Final = "undecodable_message"
+HANDLER_ERROR_EVENT: Final = "handler_error"

@@ -1,0 +1,263 @@
+"""The command line: ``python -m netframe serve | client``.
+
+Each ``serve`` flag maps onto one :class:`~netframe.Config` field. Mistakes on the
+command line (a bad flag, a malformed address, an unknown handler or loop) are one line
+on stderr and exit status 2; a server that cannot bind its address exits 1 naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from netframe._version import __version__
+from netframe.client import ClientError, TcpClient, UdpClient
+from netframe.config import (
+    FRAMINGS,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    LOOPS,
+    Address,
+    Config,
+    ConfigError,
+    parse_address,
+)
+from netframe.handlers import BUILTIN_HANDLERS, HandlerError
+from netframe.loops import LoopUnavailable, loop_factory
+from netframe.server import ListenError, run
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+DEFAULT_NAMES = ("Michael", "Tracy", "Sarah")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _address(text: str) -> Address:
+    try:
+        return parse_address(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = _Parser(prog="netframe", description="Fast TCP and UDP servers on asyncio.")
+    parser.add_argument("--version", action="version", version=f"netframe {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run a server",
+        description="Run a server. With no --tcp or --udp it listens on both at "
+        "127.0.0.1:9999; giving either replaces that default set.",
+    )
+    defaults = Config()
+    serve.add_argument(
+        "--tcp",
+        action="append",
+        type=_address,
+        metavar="HOST:PORT",
+        help="listen on TCP here (repeatable; [::1]:9999 for IPv6; port 0 picks a free port)",
+    )
+    serve.add_argument(
+        "--udp",
+        action="append",
+        type=_address,
+        metavar="HOST:PORT",
+        help="listen on UDP here (repeatable)",
+    )
+    serve.add_argument(
+        "--handler",
+        default=defaults.handler,
+        help=f"{', '.join(BUILTIN_HANDLERS)}, or module:attribute (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--framing",
+        choices=FRAMINGS,
+        default=defaults.framing,
+        help="how the TCP stream is cut into messages (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default=defaults.loop,
+        help="event loop; auto uses uvloop when installed (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--encoding",
+        default=defaults.encoding,
+        help="text encoding of messages (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=defaults.log_format,
+        help="log lines on stderr as console text or JSON (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=defaults.log_level,
+        type=str.lower,
+        help="lowest level logged (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-line-bytes",
+        type=_positive(int),
+        default=defaults.max_line_bytes,
+        help="longest line accepted in line and auto framing (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--backlog",
+        type=_positive(int),
+        default=defaults.backlog,
+        help="pending-connection queue per TCP listener (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=_positive(float),
+        dest="shutdown_timeout_s",
+        default=defaults.shutdown_timeout_s,
+        help="seconds a stop waits for replies to drain (default: %(default)s)",
+    )
+    serve.set_defaults(func=_serve)
+
+    client = commands.add_parser(
+        "client",
+        help="talk to a server as the seeds' client does",
+        description="Connect, print what the server says, send each NAME and print each "
+        "reply, then send exit (TCP).",
+    )
+    client.add_argument("address", type=_address, metavar="HOST:PORT")
+    client.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"messages to send (default: {' '.join(DEFAULT_NAMES)})",
+    )
+    client.add_argument("--udp", action="store_true", help="use UDP instead of TCP")
+    client.add_argument(
+        "--framing",
+        choices=FRAMINGS,
+        default="auto",
+        help="line sends each NAME with a newline; auto and raw send bare "
+        "words as the seeds do (default: %(default)s)",
+    )
+    client.add_argument("--encoding", default="utf-8", help="(default: %(default)s)")
+    client.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=5.0,
+        dest="timeout_s",
+        help="seconds to wait for each step (default: %(default)s)",
+    )
+    client.add_argument("--loop", choices=LOOPS, default="auto", help="(default: %(default)s)")
+    client.set_defaults(func=_client)
+    return parser
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"netframe: error: {message}", file=sys.stderr)
+    return status
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        config = Config(
+            tcp=args.tcp,
+            udp=args.udp,
+            handler=args.handler,
+            framing=args.framing,
+            loop=args.loop,
+            encoding=args.encoding,
+            log_format=args.log_format,
+            log_level=args.log_level,
+            max_line_bytes=args.max_line_bytes,
+            backlog=args.backlog,
+            shutdown_timeout_s=args.shutdown_timeout_s,
+        )
+        return run(config)
+    except (ConfigError, HandlerError, LoopUnavailable) as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except ListenError as exc:
+        return _fail(exc.strerror or str(exc), EXIT_FAILURE)
+
+
+def _client(args: argparse.Namespace) -> int:
+    try:
+        factory = loop_factory(args.loop)
+        Config(encoding=args.encoding)  # validates the encoding name
+    except (LoopUnavailable, ConfigError) as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    names = args.names or list(DEFAULT_NAMES)
+    talk = _talk_udp if args.udp else _talk_tcp
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(talk(args, names))
+    except ClientError as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    return 0
+
+
+def _show(reply: bytes, encoding: str) -> None:
+    print(reply.decode(encoding, errors="replace"), flush=True)
+
+
+async def _talk_tcp(args: argparse.Namespace, names: Sequence[str]) -> None:
+    address: Address = args.address
+    async with await TcpClient.connect(
+        address.host, address.port, framing=args.framing, timeout_s=args.timeout_s
+    ) as client:
+        _show(await client.receive(), args.encoding)
+        for name in names:
+            client.send(name, args.encoding)
+            _show(await client.receive(), args.encoding)
+        client.send("exit", args.encoding)
+        await client.wait_closed()
+
+
+async def _talk_udp(args: argparse.Namespace, names: Sequence[str]) -> None:
+    address: Address = args.address
+    async with await UdpClient.connect(
+        address.host, address.port, timeout_s=args.timeout_s
+    ) as client:
+        for name in names:
+            message = name + "\n" if args.framing == "line" else name
+            reply = await client.request(message, args.encoding)
+            _show(reply.removesuffix(b"\n"), args.encoding)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        status: int = args.func(args)
+    except KeyboardInterrupt:
+        # Ctrl+C before the server's own signal handling is in place.
+        return 0
+    return status

@@ -1,0 +1,213 @@
+"""An async client for both transports, on asyncio Protocols.
+
+The command line's ``client`` and the load generator use it. Framing matches the
+server's: with ``line`` each message is sent with ``\\n`` and replies are read line by
+line; with ``auto`` or ``raw`` messages go out bare, as the seeds' clients send them,
+and each received chunk is one reply (a bare reply has no other boundary).
+
+Every wait has a timeout, and failures are :class:`ClientError` with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Any, cast
+
+from netframe.config import Framing
+from netframe.framing import LineFramer, RawFramer
+
+__all__ = ["ClientError", "TcpClient", "UdpClient"]
+
+# Replies longer than this are refused by the client, as the server refuses lines.
+_MAX_REPLY_BYTES = 16 * 1024 * 1024
+
+
+class ClientError(ConnectionError):
+    """The server could not be reached, timed out, or closed early; the text says which."""
+
+
+class _Receiver(asyncio.Protocol):
+    """Collects framed replies and wakes whoever waits for the next one."""
+
+    def __init__(self, framing: Framing) -> None:
+        self.framer = LineFramer(_MAX_REPLY_BYTES) if framing == "line" else RawFramer()
+        self.transport: asyncio.Transport | None = None
+        self.replies: collections.deque[bytes] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop transports implement the interface without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        for payload, _terminator in self.framer.feed(data):
+            self.replies.append(payload)
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+class TcpClient:
+    """One TCP connection to a line or bare-message server.
+
+    Use :meth:`connect`; then :meth:`send`, :meth:`receive`, and :meth:`close` (or
+    ``async with``).
+    """
+
+    def __init__(self, protocol: _Receiver, framing: Framing, timeout_s: float) -> None:
+        self._protocol = protocol
+        self._line = framing == "line"
+        self.timeout_s = timeout_s
+
+    @classmethod
+    async def connect(
+        cls, host: str, port: int, *, framing: Framing = "auto", timeout_s: float = 5.0
+    ) -> TcpClient:
+        """Connect to ``host:port``.
+
+        Raises:
+            ClientError: refused, unreachable, or no answer within ``timeout_s``.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            _, protocol = await asyncio.wait_for(
+                loop.create_connection(lambda: _Receiver(framing), host, port), timeout_s
+            )
+        except TimeoutError:
+            raise ClientError(f"connecting to {host}:{port} timed out") from None
+        except OSError as exc:
+            raise ClientError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+        return cls(protocol, framing, timeout_s)
+
+    @property
+    def peer(self) -> tuple[Any, ...]:
+        """The server's address."""
+        assert self._protocol.transport is not None
+        return tuple(self._protocol.transport.get_extra_info("peername"))
+
+    def send(self, message: str | bytes, encoding: str = "utf-8") -> None:
+        """Send one message (with ``\\n`` added in line framing)."""
+        data = message.encode(encoding) if isinstance(message, str) else message
+        assert self._protocol.transport is not None
+        self._protocol.transport.write(data + b"\n" if self._line else data)
+
+    async def receive(self) -> bytes:
+        """Return the next reply, without its line ending.
+
+        Raises:
+            ClientError: the server closed the connection first, or timed out.
+        """
+        protocol = self._protocol
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        while not protocol.replies:
+            if protocol.closed.done():
+                raise ClientError("the server closed the connection")
+            protocol.waiter = loop.create_future()
+            try:
+                await asyncio.wait_for(protocol.waiter, deadline - loop.time())
+            except TimeoutError:
+                raise ClientError(f"no reply within {self.timeout_s:g} s") from None
+        return protocol.replies.popleft()
+
+    async def wait_closed(self) -> None:
+        """Wait for the server to close the connection.
+
+        Raises:
+            ClientError: it stayed open for ``timeout_s``.
+        """
+        try:
+            await asyncio.wait_for(asyncio.shield(self._protocol.closed), self.timeout_s)
+        except TimeoutError:
+            raise ClientError(f"the server did not close within {self.timeout_s:g} s") from None
+
+    def close(self) -> None:
+        """Close the connection (pending writes are flushed first)."""
+        if self._protocol.transport is not None:
+            self._protocol.transport.close()
+
+    async def __aenter__(self) -> TcpClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _DatagramReceiver(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.replies: asyncio.Queue[bytes] = asyncio.Queue()
+        self.error: Exception | None = None
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.replies.put_nowait(data)
+
+    def error_received(self, exc: Exception) -> None:
+        self.error = exc
+
+
+class UdpClient:
+    """A connected UDP socket: :meth:`request` sends a datagram and waits for the answer."""
+
+    def __init__(
+        self, transport: asyncio.DatagramTransport, protocol: _DatagramReceiver, timeout_s: float
+    ) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self.timeout_s = timeout_s
+
+    @classmethod
+    async def connect(cls, host: str, port: int, *, timeout_s: float = 5.0) -> UdpClient:
+        """Open a UDP socket aimed at ``host:port`` (no packet is sent yet).
+
+        Raises:
+            ClientError: the address cannot be resolved or used.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            transport, protocol = await loop.create_datagram_endpoint(
+                _DatagramReceiver, remote_addr=(host, port)
+            )
+        except OSError as exc:
+            raise ClientError(f"cannot reach {host}:{port}: {exc.strerror or exc}") from None
+        return cls(transport, protocol, timeout_s)
+
+    def send(self, message: str | bytes, encoding: str = "utf-8") -> None:
+        """Send one datagram."""
+        self._transport.sendto(message.encode(encoding) if isinstance(message, str) else message)
+
+    async def receive(self) -> bytes:
+        """Return the next datagram received.
+
+        Raises:
+            ClientError: nothing arrived within ``timeout_s``, or the port is closed.
+        """
+        try:
+            return await asyncio.wait_for(self._protocol.replies.get(), self.timeout_s)
+        except TimeoutError:
+            error = self._protocol.error
+            reason = f": {error.strerror or error}" if isinstance(error, OSError) else ""
+            raise ClientError(f"no reply within {self.timeout_s:g} s{reason}") from None
+
+    async def request(self, message: str | bytes, encoding: str = "utf-8") -> bytes:
+        """Send one datagram and return the first datagram that comes back."""
+        self.send(message, encoding)
+        return await self.receive()
+
+    def close(self) -> None:
+        """Close the socket."""
+        self._transport.close()
+
+    async def __aenter__(self) -> UdpClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
