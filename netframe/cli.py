@@ -37,7 +37,25 @@ DEFAULT_NAMES = ("Michael", "Tracy", "Sarah")
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line, not a usage block."""
+    """argparse, but a usage error is one line, and flags may come between positionals.
+
+    ``client HOST:PORT --udp Ann Bob`` needs intermixed parsing: plain argparse would
+    take the (empty) names before ``--udp`` and refuse ``Ann Bob``.
+    """
+
+    _intermixing = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # Intermixed parsing cannot hold subcommands, and calls back into this method.
+        if self._subparsers is not None or self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")

@@ -75,7 +75,8 @@ class Server:
         self._udp_transports: list[asyncio.DatagramTransport] = []
         self._udp_endpoints: list[UdpEndpoint] = []
         self._addresses: list[BoundAddress] = []
-        self._stop_requested: asyncio.Event | None = None
+        # Events bind to a loop on first wait (3.10+), so this may be made before one runs.
+        self._stop_requested = asyncio.Event()
         self._stopped = False
 
     @property
@@ -108,7 +109,6 @@ class Server:
         """
         if self._ctx is not None:
             raise RuntimeError("server already started")
-        self._stop_requested = asyncio.Event()
         ctx = self._ctx = EndpointContext(self.config, self._handler_factory, self._log)
         try:
             for address in self.config.tcp_addresses:
@@ -124,7 +124,6 @@ class Server:
         """Serve until :meth:`stop` is called, then shut down gracefully. Starts if needed."""
         if self._ctx is None:
             await self.start()
-        assert self._stop_requested is not None
         try:
             await self._stop_requested.wait()
         finally:
@@ -132,8 +131,7 @@ class Server:
 
     def stop(self) -> None:
         """Ask :meth:`serve_forever` to return. Safe to call from a signal handler."""
-        if self._stop_requested is not None:
-            self._stop_requested.set()
+        self._stop_requested.set()
 
     async def close(self) -> None:
         """Stop listening, let connections finish their writes, then close them.
@@ -245,13 +243,17 @@ def run(config: Config | None = None, **settings: Any) -> int:
 
 async def _serve_until_signal(server: Server, loop_name: str) -> None:
     loop = asyncio.get_running_loop()
-    await server.start()
-    get_logger().info(
-        "serving", loop=loop_name, handler=str(server.config.handler), framing=server.config.framing
-    )
+    # Before binding: a signal that arrives while we start still means a clean stop.
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, server.stop)
     try:
+        await server.start()
+        get_logger().info(
+            "serving",
+            loop=loop_name,
+            handler=str(server.config.handler),
+            framing=server.config.framing,
+        )
         await server.serve_forever()
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):

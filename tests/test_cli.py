@@ -1,0 +1,194 @@
+"""The command line, through real `python -m netframe` subprocesses and their JSON logs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import CliServer
+
+
+def netframe(
+    *args: str, timeout_s: float = 30, **kwargs: object
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "netframe", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        stdin=subprocess.DEVNULL,
+        **kwargs,  # type: ignore[call-overload]
+    )
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], code: int, text: str) -> None:
+    assert done.returncode == code, done
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert text in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (["serve", "--bogus"], "unrecognized arguments: --bogus"),
+        (["serve", "--tcp", "127.0.0.1"], "malformed address '127.0.0.1'"),
+        (["serve", "--udp", "[::1]x"], "malformed address"),
+        (["serve", "--tcp", "127.0.0.1:99999"], "port must be a number"),
+        (["serve", "--handler", "nosuch"], "unknown handler 'nosuch'"),
+        (["serve", "--handler", "no_such_module:H"], "cannot import handler module"),
+        (["serve", "--framing", "lines"], "invalid choice: 'lines'"),
+        (["serve", "--loop", "trio"], "invalid choice: 'trio'"),
+        (["serve", "--encoding", "klingon"], "unknown encoding 'klingon'"),
+        (["serve", "--max-line-bytes", "0"], "must be greater than 0"),
+        (["client", "localhost"], "malformed address"),
+        (["client", "127.0.0.1:1", "--timeout", "x"], "is not a number"),
+        (["nosuchcommand"], "invalid choice"),
+        ([], "required: command"),
+    ],
+)
+def test_bad_command_lines_are_one_line_and_exit_2(args: list[str], text: str) -> None:
+    assert_one_line_error(netframe(*args), 2, text)
+
+
+def test_asking_for_uvloop_without_it_is_a_usage_error() -> None:
+    code = (
+        "import sys; sys.modules['uvloop'] = None\n"
+        "from netframe.cli import main\n"
+        "sys.exit(main(['serve', '--loop', 'uvloop', '--tcp', '127.0.0.1:0']))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert_one_line_error(done, 2, "uvloop is not installed")
+
+
+def test_address_in_use_names_it_and_fails(cli_server: Callable[..., CliServer]) -> None:
+    server = cli_server("--tcp", "127.0.0.1:0")
+    host, port = server.address("tcp")
+    done = netframe("serve", "--tcp", f"{host}:{port}", "--log-format", "json")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert f"cannot listen on tcp {host}:{port}" in done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signals_stop_the_server_with_status_0(
+    cli_server: Callable[..., CliServer], signum: signal.Signals
+) -> None:
+    server = cli_server("--tcp", "127.0.0.1:0", "--udp", "127.0.0.1:0")
+    with socket.create_connection(server.address("tcp"), timeout=10) as open_client:
+        assert open_client.recv(100) == b"Welcome!"
+        server.proc.send_signal(signum)
+        assert server.proc.wait(15) == 0
+        assert open_client.recv(100) == b""  # closed by the graceful stop
+    server.stop()
+    stopped = server.wait_for("stopped")[0]
+    assert stopped["connections_closed"] == 1
+
+
+def test_json_logs_tell_the_story_of_a_connection(
+    cli_server: Callable[..., CliServer], loop_name: str
+) -> None:
+    server = cli_server("--tcp", "127.0.0.1:0", "--udp", "[::1]:0", "--log-level", "debug")
+    listening = server.wait_for("listening", 2)
+    bound = {(e["transport"], e["host"]) for e in listening}
+    assert bound == {("tcp", "127.0.0.1"), ("udp", "::1")}
+    assert all(e["port"] > 0 for e in listening)
+    assert server.wait_for("serving")[0]["loop"] == loop_name
+    with socket.create_connection(server.address("tcp"), timeout=10) as client:
+        assert client.recv(100) == b"Welcome!"
+        client.sendall(b"Bob\n")
+        assert client.recv(100) == b"Hello, Bob!\n"
+    closed = server.wait_for("connection_closed")[0]
+    opened = server.wait_for("connection_opened")[0]
+    assert closed["conn"] == opened["conn"]
+    assert closed["peer"] == opened["peer"]
+    assert closed["peer"].startswith("127.0.0.1:")
+    assert (closed["bytes_in"], closed["bytes_out"]) == (4, 20)
+    assert (closed["messages_in"], closed["messages_out"]) == (1, 2)
+    assert "duration_s" in closed
+    assert server.wait_for("message_received")[0]["size"] == 3
+    assert {e["level"] for e in server.events} <= {"debug", "info"}
+
+
+def test_per_message_events_are_not_logged_at_info(cli_server: Callable[..., CliServer]) -> None:
+    server = cli_server("--tcp", "127.0.0.1:0")
+    with socket.create_connection(server.address("tcp"), timeout=10) as client:
+        client.recv(100)
+        client.sendall(b"Bob\n")
+        client.recv(100)
+    server.wait_for("connection_closed")
+    assert server.stop() == 0
+    assert not [e for e in server.events if e["event"] == "message_received"]
+
+
+def test_console_log_format_is_readable_text() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "netframe", "serve", "--tcp", "127.0.0.1:0"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    with proc.stderr:
+        first = proc.stderr.readline()
+        proc.terminate()
+        assert proc.wait(15) == 0
+    assert "listening" in first
+    assert "transport=tcp" in first
+    assert not first.startswith("{")
+
+
+def test_client_command_runs_the_seeds_exchange(cli_server: Callable[..., CliServer]) -> None:
+    server = cli_server("--tcp", "127.0.0.1:0", "--udp", "127.0.0.1:0")
+    host, port = server.address("tcp")
+    done = netframe("client", f"{host}:{port}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "Welcome!\nHello, Michael!\nHello, Tracy!\nHello, Sarah!\n"
+    uhost, uport = server.address("udp")
+    done = netframe("client", f"{uhost}:{uport}", "--udp", "Ann")
+    assert (done.returncode, done.stdout) == (0, "Hello, Ann!\n")
+    assert server.wait_for("connection_closed")[0]["reason"] == "closed"
+    line_server = cli_server("--tcp", "127.0.0.1:0", "--framing", "line")
+    host, port = line_server.address("tcp")
+    done = netframe("client", f"{host}:{port}", "--framing", "line", "Ann", "Bo Li")
+    assert (done.returncode, done.stdout) == (0, "Welcome!\nHello, Ann!\nHello, Bo Li!\n")
+
+
+def test_client_refused_and_timeout_are_one_line_errors() -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    assert_one_line_error(netframe("client", f"127.0.0.1:{port}"), 1, "cannot connect")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        port = silent.getsockname()[1]
+        done = netframe("client", f"127.0.0.1:{port}", "--udp", "--timeout", "0.3")
+    assert_one_line_error(done, 1, "no reply within 0.3 s")
+
+
+def test_custom_handler_by_module_path(
+    cli_server: Callable[..., CliServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "shout.py").write_text(
+        textwrap.dedent(
+            """
+            from netframe import Handler
+
+            class Shout(Handler):
+                def on_message(self, conn, message):
+                    conn.send(message.upper())
+            """
+        )
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), *sys.path]))
+    server = cli_server("--tcp", "127.0.0.1:0", "--handler", "shout:Shout", "--framing", "line")
+    with socket.create_connection(server.address("tcp"), timeout=10) as client:
+        client.sendall(b"hi\n")
+        assert client.recv(100) == b"HI\n"

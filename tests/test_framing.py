@@ -1,0 +1,146 @@
+"""The pure framing core: no loop, no sockets."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from netframe.framing import AutoFramer, Framer, LineFramer, RawFramer, split_terminator
+
+LIMIT = 1024
+
+
+def feed_all(framer: Framer, chunks: list[bytes]) -> list[tuple[bytes, bytes]]:
+    messages = []
+    for chunk in chunks:
+        messages += framer.feed(chunk)
+    return messages
+
+
+def test_raw_chunk_is_one_message() -> None:
+    framer = RawFramer()
+    assert framer.feed(b"Michael") == [(b"Michael", b"")]
+    assert framer.feed(b"a\nb\n") == [(b"a\nb\n", b"")]
+    assert framer.greeting_terminator == b""
+
+
+def test_line_reassembles_and_keeps_each_terminator() -> None:
+    framer = LineFramer(LIMIT)
+    assert framer.feed(b"Bo") == []
+    assert framer.feed(b"b\r") == []
+    assert framer.feed(b"\nAlice\nCarl") == [(b"Bob", b"\r\n"), (b"Alice", b"\n")]
+    assert framer.feed(b"\n") == [(b"Carl", b"\n")]
+    assert framer.greeting_terminator == b"\n"
+
+
+def test_line_empty_lines_are_messages() -> None:
+    assert LineFramer(LIMIT).feed(b"\n\r\n") == [(b"", b"\n"), (b"", b"\r\n")]
+
+
+def test_line_longer_than_limit_overflows_after_earlier_lines() -> None:
+    framer = LineFramer(4)
+    assert framer.feed(b"abcd\nabcde\nok\n") == [(b"abcd", b"\n")]
+    assert framer.overflow
+    assert framer.feed(b"more\n") == []
+
+
+def test_partial_line_longer_than_limit_overflows_without_waiting_for_newline() -> None:
+    framer = LineFramer(4)
+    assert framer.feed(b"abcd\r") == []  # the \r of a \r\n may still come
+    assert not framer.overflow
+    framer.feed(b"x")
+    assert framer.overflow
+
+
+def test_auto_bare_words_wait_for_flush_then_stay_bare() -> None:
+    framer = AutoFramer(LIMIT)
+    assert framer.greeting_terminator == b""
+    assert framer.feed(b"Michael") == []
+    assert framer.waiting_for_bare_flush
+    assert framer.flush() == [(b"Michael", b"")]
+    assert not framer.waiting_for_bare_flush
+    # Known bare now: each chunk is one message at once, as the seeds' server reads it.
+    assert framer.feed(b"Tracy") == [(b"Tracy", b"")]
+    assert not framer.waiting_for_bare_flush
+
+
+def test_auto_newline_makes_a_line_client_for_good() -> None:
+    framer = AutoFramer(LIMIT)
+    assert framer.feed(b"Bo") == []
+    assert framer.feed(b"b\nAl") == [(b"Bob", b"\n")]
+    assert not framer.waiting_for_bare_flush  # a partial line now, never a bare message
+    assert framer.flush() == []
+    assert framer.feed(b"ice\r\n") == [(b"Alice", b"\r\n")]
+
+
+def test_auto_bare_client_that_sends_a_line_switches_to_lines() -> None:
+    framer = AutoFramer(LIMIT)
+    framer.feed(b"Michael")
+    framer.flush()
+    assert framer.feed(b"Bob\nAl") == [(b"Bob", b"\n")]
+    assert framer.feed(b"ice\n") == [(b"Alice", b"\n")]
+
+
+def test_auto_undecided_bytes_are_bounded() -> None:
+    framer = AutoFramer(8)
+    framer.feed(b"x" * 20)
+    assert framer.overflow
+    assert not framer.waiting_for_bare_flush
+
+
+def test_flush_with_nothing_waiting_is_empty() -> None:
+    assert AutoFramer(LIMIT).flush() == []
+    assert LineFramer(LIMIT).flush() == []
+    assert RawFramer().flush() == []
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (b"Bob", (b"Bob", b"")),
+        (b"Bob\n", (b"Bob", b"\n")),
+        (b"Bob\r\n", (b"Bob", b"\r\n")),
+        (b"Bob\r", (b"Bob\r", b"")),
+        (b"a\nb\n", (b"a\nb", b"\n")),
+    ],
+)
+def test_split_terminator(payload: bytes, expected: tuple[bytes, bytes]) -> None:
+    assert split_terminator(payload) == expected
+
+
+# -- property: how a stream is cut into reads never changes the messages ----------------
+
+line_text = st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b""))
+terminators = st.sampled_from([b"\n", b"\r\n"])
+lines = st.lists(st.tuples(line_text, terminators), max_size=20)
+
+
+@st.composite
+def stream_and_cuts(draw: st.DrawFn) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
+    messages = draw(lines)
+    stream = b"".join(payload + term for payload, term in messages)
+    cuts = sorted(draw(st.lists(st.integers(0, len(stream)), max_size=12)))
+    edges = [0, *cuts, len(stream)]
+    return messages, [stream[a:b] for a, b in itertools.pairwise(edges)]
+
+
+@pytest.mark.parametrize("framer_class", [LineFramer, AutoFramer])
+@given(case=stream_and_cuts())
+def test_any_split_of_a_line_stream_gives_the_same_messages(
+    framer_class: type[LineFramer], case: tuple[list[tuple[bytes, bytes]], list[bytes]]
+) -> None:
+    expected, chunks = case
+    assert feed_all(framer_class(LIMIT), chunks) == expected
+
+
+@given(case=stream_and_cuts(), tail=line_text.filter(bool))
+def test_a_trailing_partial_line_is_held_not_delivered(
+    case: tuple[list[tuple[bytes, bytes]], list[bytes]], tail: bytes
+) -> None:
+    expected, chunks = case
+    framer = LineFramer(LIMIT)
+    assert feed_all(framer, [*chunks, tail]) == expected
+    assert not framer.overflow
