@@ -2,8 +2,9 @@
 
 import asyncio
 
-import netframe
 from wordcount import WordCount
+
+import netframe
 
 
 async def main() -> None:
