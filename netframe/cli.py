@@ -1,4 +1,4 @@
-"""The command line: ``python -m netframe serve | client``.
+"""The command line: ``python -m netframe serve | client | bench``.
 
 Each ``serve`` flag maps onto one :class:`~netframe.Config` field. Mistakes on the
 command line (a bad flag, a malformed address, an unknown handler or loop) are one line
@@ -196,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     client.add_argument("--loop", choices=LOOPS, default="auto", help="(default: %(default)s)")
     client.set_defaults(func=_client)
+
+    from netframe.bench.cli import add_bench_parser
+
+    add_bench_parser(commands, _address, _positive(int), _positive(float))
     return parser
 
 

@@ -1,0 +1,363 @@
+"""Running one benchmark: the server (spawned or given), the load processes, the figures.
+
+:func:`run_bench` is the library entry point behind ``python -m netframe bench`` and the
+comparison suite in ``benchmarks/``. It returns one plain dict (the ``--json`` document).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import multiprocessing
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import psutil
+
+from netframe._version import __version__
+from netframe.bench._worker import Job, raise_open_file_limit, worker_main
+from netframe.config import Address, Framing
+from netframe.loops import resolve_loop_name
+
+__all__ = ["SCENARIOS", "BenchError", "BenchOptions", "run_bench", "spawned_server"]
+
+SCENARIOS = ("sessions", "greeting", "echo", "udp", "hold")
+# The handler and framing a spawned server runs for each scenario.
+_SCENARIO_SERVER = {
+    "sessions": "greeting",
+    "greeting": "greeting",
+    "echo": "echo",
+    "udp": "greeting",
+    "hold": "greeting",
+}
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+_READY_TIMEOUT_S = 60.0
+_SETTLE_S = 1.0
+
+Progress = Callable[[str, float, float, int], None]  # phase, elapsed_s, total_s, ops
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not run; the message says why in one line."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchOptions:
+    """Every knob of a run; defaults are the command line's."""
+
+    scenario: str = "greeting"
+    target: Address | None = None
+    spawn_args: tuple[str, ...] | None = None  # extra `serve` flags; None: do not spawn
+    server_pid: int | None = None
+    conns: int = 50
+    duration_s: float = 10.0
+    warmup_s: float = 2.0
+    workers: int | None = None
+    pipeline: int = 1
+    size: int = 1024
+    framing: Framing | None = None
+    rate: float | None = None
+    udp_timeout_s: float = 0.5
+    client_cpus: tuple[int, ...] | None = None
+    server_cpus: tuple[int, ...] | None = None
+
+    @property
+    def effective_framing(self) -> Framing:
+        """The framing to speak: echo defaults to raw (any payload), the rest to line."""
+        return self.framing or ("raw" if self.scenario == "echo" else "line")
+
+    def check(self) -> None:
+        """Raise :class:`BenchError` when the options cannot make a valid run."""
+        if self.scenario not in SCENARIOS:
+            raise BenchError(f"unknown scenario {self.scenario!r}")
+        if (self.target is None) == (self.spawn_args is None):
+            raise BenchError("give exactly one of --target HOST:PORT and --spawn")
+        if self.conns < 1 or self.pipeline < 1 or self.size < 1:
+            raise BenchError("--conns, --pipeline and --size must be at least 1")
+        if self.duration_s <= 0 or self.warmup_s < 0:
+            raise BenchError("--duration must be positive and --warmup not negative")
+        bare = self.effective_framing == "raw" and self.scenario == "greeting"
+        if bare and self.pipeline > 1:
+            raise BenchError("raw framing has no message boundaries: use --pipeline 1")
+        if self.rate is not None and self.scenario not in ("greeting", "echo"):
+            raise BenchError("--rate applies to the greeting and echo scenarios")
+
+
+def default_workers(cpus: Sequence[int] | None) -> int:
+    """One load process per core the client may use."""
+    return len(cpus) if cpus else len(os.sched_getaffinity(0))
+
+
+def free_port() -> int:
+    """A port free for both TCP and UDP on 127.0.0.1 right now."""
+    for _ in range(50):
+        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            tcp.bind(("127.0.0.1", 0))
+            port = int(tcp.getsockname()[1])
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise BenchError("no free port on 127.0.0.1")
+
+
+def wait_until_listening(host: str, port: int, proc: subprocess.Popen[bytes] | None) -> None:
+    """Poll until ``host:port`` accepts TCP connections, or fail with the server's reason."""
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise BenchError(f"the server exited with status {proc.returncode} while starting")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise BenchError(f"the server at {host}:{port} did not start listening")
+
+
+@contextlib.contextmanager
+def spawned_server(
+    argv: Sequence[str], host: str, port: int, cpus: Sequence[int] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``argv`` as a server process for the block; SIGTERM it, then SIGKILL if stuck.
+
+    Its stderr goes to a temporary file, whose last line is the error when it fails.
+    """
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log
+        )
+        try:
+            if cpus:
+                os.sched_setaffinity(proc.pid, cpus)
+            try:
+                wait_until_listening(host, port, proc)
+            except BenchError as exc:
+                log.seek(0)
+                lines = log.read().decode(errors="replace").strip().splitlines()
+                raise BenchError(f"{exc}: {lines[-1] if lines else 'no output'}") from None
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def netframe_serve_argv(options: BenchOptions, port: int) -> list[str]:
+    """The ``python -m netframe serve`` command a spawned run starts."""
+    return [
+        sys.executable, "-m", "netframe", "serve",
+        "--tcp", f"127.0.0.1:{port}", "--udp", f"127.0.0.1:{port}",
+        "--handler", _SCENARIO_SERVER[options.scenario],
+        "--framing", options.effective_framing,
+        # Per-connection info lines would dominate `sessions`; pass --log-level to change.
+        "--log-level", "warning",
+        *(options.spawn_args or ()),
+    ]  # fmt: skip
+
+
+def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
+    """Run one benchmark and return every figure, the options and the environment.
+
+    Raises:
+        BenchError: the options are invalid, the server cannot be started or reached,
+            or a load process failed.
+    """
+    options.check()
+    raise_open_file_limit(options.conns * 2 + 1024)
+    if options.spawn_args is None:
+        assert options.target is not None
+        return _measure(options, options.target, options.server_pid, progress)
+    port = free_port()
+    argv = netframe_serve_argv(options, port)
+    with spawned_server(argv, "127.0.0.1", port, options.server_cpus) as proc:
+        result = _measure(options, Address("127.0.0.1", port), proc.pid, progress)
+    result["server"]["command"] = argv[1:]
+    return result
+
+
+def _jobs(options: BenchOptions, target: Address) -> list[Job]:
+    workers = min(options.conns, options.workers or default_workers(options.client_cpus))
+    share, extra = divmod(options.conns, workers)
+    jobs, first = [], 0
+    for index in range(workers):
+        conns = share + (1 if index < extra else 0)
+        rate = options.rate * conns / options.conns if options.rate else None
+        jobs.append(
+            Job(index=index, scenario=options.scenario, host=target.host, port=target.port,
+                conns=conns, first_conn_id=first, pipeline=options.pipeline, size=options.size,
+                framing=options.effective_framing, rate=rate, warmup_s=options.warmup_s,
+                duration_s=options.duration_s, udp_timeout_s=options.udp_timeout_s,
+                cpus=options.client_cpus)
+        )  # fmt: skip
+        first += conns
+    return jobs
+
+
+def _measure(
+    options: BenchOptions, target: Address, pid: int | None, progress: Progress | None
+) -> dict[str, Any]:
+    server = psutil.Process(pid) if pid else None
+    rss_idle = server.memory_info().rss if server else None
+    jobs = _jobs(options, target)
+    context = multiprocessing.get_context("spawn")
+    counters = context.Array("q", len(jobs), lock=False)
+    pipes, procs = [], []
+    for job in jobs:
+        parent, child = context.Pipe()
+        proc = context.Process(target=worker_main, args=(job, child, counters), daemon=True)
+        proc.start()
+        pipes.append(parent)
+        procs.append(proc)
+    try:
+        ready = [_receive(pipe, "ready", _READY_TIMEOUT_S) for pipe in pipes]
+        if options.scenario == "hold":
+            time.sleep(_SETTLE_S)
+        rss_loaded = server.memory_info().rss if server else None
+        start_ns = time.monotonic_ns() + 50_000_000
+        for pipe in pipes:
+            pipe.send(start_ns)
+        window_start = start_ns + int(options.warmup_s * 1e9)
+        window_end = window_start + int(options.duration_s * 1e9)
+        cpu_start = _wait_and_read_cpu(server, window_start, start_ns, counters, options, progress)
+        cpu_end = _wait_and_read_cpu(server, window_end, start_ns, counters, options, progress)
+        rss_end = server.memory_info().rss if server else None
+        results = [_receive(pipe, "result", 60.0) for pipe in pipes]
+    finally:
+        for proc in procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+    figures = _combine(options, results)
+    figures["server"] = {
+        "pid": pid,
+        "cpu_s": None if server is None else cpu_end - cpu_start,
+        "rss_idle_bytes": rss_idle,
+        "rss_loaded_bytes": rss_loaded,
+        "rss_end_bytes": rss_end,
+    }
+    ops = figures["ops"]
+    if server is not None and ops:
+        figures["server"]["cpu_us_per_op"] = (cpu_end - cpu_start) / ops * 1e6
+    if options.scenario == "hold":
+        held = sum(r["held"] for r in results)
+        figures["hold"] = {"requested": options.conns, "held": held}
+        if server is not None and held and rss_idle is not None and rss_end is not None:
+            peak = max(rss_loaded or 0, rss_end)
+            figures["hold"]["bytes_per_conn"] = (peak - rss_idle) / held
+    figures["connections_ready"] = sum(ready)
+    figures["options"] = _options_dict(options, target, len(jobs))
+    figures["environment"] = environment()
+    return figures
+
+
+def _receive(pipe: Any, kind: str, timeout_s: float) -> Any:
+    if not pipe.poll(timeout_s):
+        raise BenchError(f"a load process sent no {kind!r} within {timeout_s:g} s")
+    tag, value = pipe.recv()
+    if tag == "failed":
+        raise BenchError(f"a load process failed: {value}")
+    if tag != kind:
+        raise BenchError(f"a load process sent {tag!r} instead of {kind!r}")
+    return value
+
+
+def _wait_and_read_cpu(
+    server: psutil.Process | None,
+    until_ns: int,
+    start_ns: int,
+    counters: Any,
+    options: BenchOptions,
+    progress: Progress | None,
+) -> float:
+    total = options.warmup_s + options.duration_s
+    while (now := time.monotonic_ns()) < until_ns:
+        if progress is not None:
+            elapsed = (now - start_ns) / 1e9
+            phase = "warmup" if elapsed < options.warmup_s else "measure"
+            progress(phase, max(0.0, elapsed), total, sum(counters))
+        time.sleep(min(0.1, (until_ns - now) / 1e9))
+    if server is None:
+        return 0.0
+    times = server.cpu_times()
+    return float(times.user + times.system)
+
+
+def _combine(options: BenchOptions, results: list[dict[str, Any]]) -> dict[str, Any]:
+    ops = sum(r["ops"] for r in results)
+    duration = options.duration_s
+    latencies = (
+        np.concatenate([np.frombuffer(r["latencies_ns"], dtype=np.int64) for r in results]) / 1000.0
+    )
+    timeline = np.sum([r["timeline"] for r in results], axis=0) * 10  # 100 ms buckets -> /s
+    lost = sum(r["lost"] for r in results)
+    figures: dict[str, Any] = {
+        "scenario": options.scenario,
+        "ops": ops,
+        "ops_per_s": ops / duration,
+        "errors": sum(r["errors"] for r in results),
+        "first_error": next((r["first_error"] for r in results if r["first_error"]), None),
+        "connect_errors": sum(r["connect_errors"] for r in results),
+        "bytes_in": sum(r["bytes_in"] for r in results),
+        "bytes_out": sum(r["bytes_out"] for r in results),
+        "client_cpu_s": sum(r["cpu_s"] for r in results),
+        "timeline_ops_per_s": timeline.tolist(),
+    }
+    figures["client_cpu_pct"] = figures["client_cpu_s"] / duration * 100
+    if options.scenario == "echo":
+        figures["mib_per_s"] = ops * options.size / duration / 2**20
+    if options.scenario == "udp":
+        figures["lost"] = lost
+        figures["loss_ratio"] = lost / (ops + lost) if ops + lost else 0.0
+    if latencies.size:
+        values = np.percentile(latencies, PERCENTILES)
+        figures["latency_us"] = {
+            f"p{p:g}": float(v) for p, v in zip(PERCENTILES, values, strict=True)
+        }
+        figures["latency_us"]["max"] = float(latencies.max())
+        figures["latency_us"]["mean"] = float(latencies.mean())
+        figures["latency_samples"] = int(latencies.size)
+    return figures
+
+
+def _options_dict(options: BenchOptions, target: Address, workers: int) -> dict[str, Any]:
+    data = dataclasses.asdict(options)
+    data["target"] = str(target)
+    data["workers"] = workers
+    data["framing"] = options.effective_framing
+    return data
+
+
+def environment() -> dict[str, Any]:
+    """Where the figures were measured."""
+    model = platform.processor()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    uvloop_version = None
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        uvloop_version = importlib.metadata.version("uvloop")
+    return {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "client_loop": resolve_loop_name("auto"),
+        "uvloop": uvloop_version,
+        "netframe": __version__,
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "platform": platform.platform(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

@@ -1,0 +1,147 @@
+"""``python -m netframe bench``: argument parsing that maps onto :class:`BenchOptions`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from netframe.bench._report import MissingExtra, live_progress, plot, print_summary, write_json
+from netframe.bench._run import SCENARIOS, BenchError, BenchOptions, run_bench
+from netframe.config import FRAMINGS
+
+__all__ = ["add_bench_parser"]
+
+
+def _cpus(text: str) -> tuple[int, ...]:
+    try:
+        cpus: set[int] = set()
+        for part in text.split(","):
+            low, _, high = part.partition("-")
+            cpus.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a CPU list like 0 or 1-3") from None
+    return tuple(sorted(cpus))
+
+
+def add_bench_parser(commands: Any, address: Any, positive_int: Any, positive_float: Any) -> None:
+    """Add the ``bench`` subcommand to the main parser's ``commands``."""
+    bench = commands.add_parser(
+        "bench",
+        help="load-test a server",
+        description="Load-test a server at --target, or one it starts itself with --spawn "
+        "(flags after --spawn-args go to that server's `serve`).",
+    )
+    where = bench.add_mutually_exclusive_group(required=True)
+    where.add_argument("--target", type=address, metavar="HOST:PORT")
+    where.add_argument("--spawn", action="store_true", help="start a netframe server to test")
+    bench.add_argument(
+        "--spawn-args",
+        default="",
+        metavar="'FLAGS'",
+        help="extra `netframe serve` flags for --spawn, as one string (e.g. '--loop asyncio')",
+    )
+    bench.add_argument(
+        "--server-pid",
+        type=positive_int,
+        help="the target server's process id, to read its CPU and memory",
+    )
+    bench.add_argument("--scenario", choices=SCENARIOS, default="greeting")
+    bench.add_argument("--conns", type=positive_int, default=50, help="concurrent connections")
+    bench.add_argument(
+        "--duration",
+        type=positive_float,
+        default=10.0,
+        dest="duration_s",
+        help="seconds measured (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--warmup",
+        type=float,
+        default=2.0,
+        dest="warmup_s",
+        help="seconds of load before measuring (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--workers",
+        type=positive_int,
+        help="load processes (default: one per core the client may use)",
+    )
+    bench.add_argument(
+        "--pipeline",
+        type=positive_int,
+        default=1,
+        help="requests in flight per connection (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--size",
+        type=positive_int,
+        default=1024,
+        help="echo/udp payload bytes (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--framing",
+        choices=FRAMINGS,
+        help="match the server's (default: raw for echo, line otherwise)",
+    )
+    bench.add_argument(
+        "--rate",
+        type=positive_float,
+        help="open loop: requests per second in total, latency measured from "
+        "the intended send time",
+    )
+    bench.add_argument(
+        "--udp-timeout",
+        type=positive_float,
+        default=0.5,
+        dest="udp_timeout_s",
+        help="seconds before a datagram counts as lost (default: %(default)s)",
+    )
+    bench.add_argument("--client-cpus", type=_cpus, help="pin load processes to these CPUs")
+    bench.add_argument("--server-cpus", type=_cpus, help="pin a spawned server to these CPUs")
+    bench.add_argument("--json", type=Path, dest="json_path", help="write every figure here")
+    bench.add_argument("--plot", type=Path, dest="plot_path", help="draw the results (PNG)")
+    bench.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    bench.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    options = BenchOptions(
+        scenario=args.scenario,
+        target=args.target,
+        spawn_args=tuple(args.spawn_args.split()) if args.spawn else None,
+        server_pid=args.server_pid,
+        conns=args.conns,
+        duration_s=args.duration_s,
+        warmup_s=args.warmup_s,
+        workers=args.workers,
+        pipeline=args.pipeline,
+        size=args.size,
+        framing=args.framing,
+        rate=args.rate,
+        udp_timeout_s=args.udp_timeout_s,
+        client_cpus=args.client_cpus,
+        server_cpus=args.server_cpus,
+    )
+    try:
+        options.check()
+    except BenchError as exc:
+        print(f"netframe: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with live_progress(not args.no_progress and sys.stderr.isatty()) as progress:
+            result = run_bench(options, progress)
+    except BenchError as exc:
+        print(f"netframe: error: {exc}", file=sys.stderr)
+        return 1
+    print_summary(result)
+    if args.json_path:
+        write_json(result, args.json_path)
+    if args.plot_path:
+        try:
+            plot(result, args.plot_path)
+        except MissingExtra as exc:
+            print(f"netframe: error: {exc}", file=sys.stderr)
+            return 2
+    return 1 if result["errors"] else 0
