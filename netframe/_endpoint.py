@@ -48,6 +48,8 @@ class EndpointContext:
     # Per-message debug events are built only when debug is on: the hot path pays one
     # attribute test instead of a logger call.
     debug: bool = dataclasses.field(init=False)
+    # Whether per-connection info events (opened, closed) are logged at all.
+    info: bool = dataclasses.field(init=False)
     undecodable_reply: bytes = dataclasses.field(init=False)
     next_id: Callable[[], int] = dataclasses.field(init=False)
     line_limit_reply: bytes = dataclasses.field(init=False)
@@ -57,11 +59,11 @@ class EndpointContext:
         config = self.config
         self.framer_factory = make_framer(config.framing, config.max_line_bytes)
         self.encoding = config.encoding
-        self.debug = (
-            bool(self.log.is_enabled_for(logging.DEBUG))
-            if hasattr(self.log, "is_enabled_for")
-            else True
-        )
+        # Resolve structlog's lazy proxy once: every connection binds from a real logger.
+        self.log = self.log.bind()
+        enabled = getattr(self.log, "is_enabled_for", lambda level: True)
+        self.debug = bool(enabled(logging.DEBUG))
+        self.info = bool(enabled(logging.INFO))
         self.undecodable_reply = error_reply(f"message is not valid {config.encoding}")
         self.line_limit_reply = error_reply(f"line exceeds {config.max_line_bytes} bytes")
         self.next_id = _connection_ids.__next__

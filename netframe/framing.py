@@ -117,6 +117,11 @@ class LineFramer:
             return []
         if self._buffer:
             data = self._buffer + data
+        elif data.find(LF) == len(data) - 1 >= 0 and len(data) <= self.max_line_bytes:
+            # The common case: exactly one whole line, nothing buffered.
+            if data.endswith(b"\r\n"):
+                return [(data[:-2], CRLF)]
+            return [(data[:-1], LF)]
         if LF not in data:
             self._buffer = data
             self._check_partial()
@@ -141,8 +146,9 @@ class LineFramer:
         return []
 
     def _check_partial(self) -> None:
-        # The partial line may end in the "\r" of a "\r\n" still in flight: allow it.
-        if len(self._buffer) > self.max_line_bytes + 1:
+        excess = len(self._buffer) - self.max_line_bytes
+        # One byte over is allowed only if it is the "\r" of a "\r\n" still in flight.
+        if excess > 1 or (excess == 1 and not self._buffer.endswith(b"\r")):
             self._overflowed()
 
     def _overflowed(self) -> None:

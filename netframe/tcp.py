@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Awaitable
 from typing import Any, Final, cast
 
@@ -48,7 +49,9 @@ class TcpEndpoint(asyncio.Protocol):
         "_eof",
         "_framer",
         "_handler",
+        "_log",
         "_pause_reasons",
+        "_peer",
         "_pending",
         "_started",
         "_task",
@@ -58,10 +61,8 @@ class TcpEndpoint(asyncio.Protocol):
         "bytes_in",
         "bytes_out",
         "id",
-        "log",
         "messages_in",
         "messages_out",
-        "peer",
     )
 
     transport: Final = "tcp"
@@ -83,9 +84,10 @@ class TcpEndpoint(asyncio.Protocol):
         self._pending: collections.deque[Message] | None = None
         self._undecodable = 0
         self._started = 0.0
+        # Bound on first use: a connection that logs nothing never pays for a logger.
+        self._log: Any = None
+        self._peer: tuple[Any, ...] | None = None
         self.id = ctx.next_id()
-        self.peer: tuple[Any, ...] = ()
-        self.log: Any = ctx.log
         self.bytes_in = self.bytes_out = self.messages_in = self.messages_out = 0
 
     # -- asyncio.Protocol -------------------------------------------------------------
@@ -94,14 +96,13 @@ class TcpEndpoint(asyncio.Protocol):
         ctx = self._ctx
         # uvloop transports implement the interface without subclassing it.
         self._transport = transport = cast(asyncio.Transport, transport)
-        self._started = asyncio.get_running_loop().time()
-        self.peer = tuple(transport.get_extra_info("peername") or ())
-        self.log = ctx.log.bind(transport="tcp", peer=format_peer(self.peer), conn=self.id)
+        self._started = time.monotonic()
         transport.set_write_buffer_limits(
             high=ctx.config.write_buffer_high_bytes, low=ctx.config.write_buffer_low_bytes
         )
         ctx.connections.add(self)
-        self.log.info("connection_opened")
+        if ctx.info:
+            self.log.info("connection_opened")
         self._batch = []
         try:
             self._handler.on_connect(self)
@@ -142,10 +143,12 @@ class TcpEndpoint(asyncio.Protocol):
             self._handler.on_disconnect(self)
         except Exception:
             self._handler_failed("on_disconnect")
+        if not ctx.info:
+            return
         self.log.info(
             "connection_closed",
             reason="reset" if exc is not None else "closed",
-            duration_s=round(asyncio.get_running_loop().time() - self._started, 6),
+            duration_s=round(time.monotonic() - self._started, 6),
             bytes_in=self.bytes_in,
             bytes_out=self.bytes_out,
             messages_in=self.messages_in,
@@ -160,18 +163,37 @@ class TcpEndpoint(asyncio.Protocol):
 
     # -- Connection, as the handler sees it ---------------------------------------------
 
+    @property
+    def peer(self) -> tuple[Any, ...]:
+        """The peer's address, ``()`` when the socket cannot tell."""
+        if self._peer is None:
+            try:
+                peer = self._transport.get_extra_info("peername") if self._transport else None
+            except OSError:  # uvloop asks the closed socket
+                peer = None
+            self._peer = tuple(peer or ())
+        return self._peer
+
+    @property
+    def log(self) -> Any:
+        """This connection's logger: ``transport``, ``peer`` and ``conn`` bound."""
+        if self._log is None:
+            self._log = self._ctx.log.bind(
+                transport="tcp", peer=format_peer(self.peer), conn=self.id
+            )
+        return self._log
+
     def send(self, message: str | bytes) -> None:
         if self._closing:
             return
         if isinstance(message, str):
             message = message.encode(self._ctx.encoding)
-        if self._terminator:
-            message += self._terminator
         self.messages_out += 1
-        if self._batch is not None:
-            self._batch.append(message)
+        batch = self._batch
+        if batch is not None:
+            batch.append(message + self._terminator)
         else:
-            self._write(message)
+            self._write(message + self._terminator)
 
     def close(self) -> None:
         if self._closing:
@@ -190,25 +212,27 @@ class TcpEndpoint(asyncio.Protocol):
 
     def _handle(self, messages: list[Message]) -> None:
         """Dispatch a batch of messages, then write their replies at once."""
+        self.messages_in += len(messages)
         self._batch = []
+        call = self._call
         for message in messages:
             if self._closing:
                 break
-            self.messages_in += 1
             if self._task is not None:
                 self._enqueue(message)
-                continue
-            result = self._call(message)
-            if result is not None:
+            elif (result := call(message)) is not None:
                 self._task = asyncio.ensure_future(self._run_async(result))
         framer = self._framer
-        if framer.overflow and not self._closing:
-            self._refuse_overlong_line()
-        elif framer.waiting_for_bare_flush and not self._closing:
-            loop = asyncio.get_running_loop()
-            delay = self._ctx.config.bare_message_delay_s
-            self._bare_timer = loop.call_later(delay, self._bare_flush)
+        if (framer.overflow or framer.waiting_for_bare_flush) and not self._closing:
+            self._framer_needs_attention()
         self._end_batch()
+
+    def _framer_needs_attention(self) -> None:
+        if self._framer.overflow:
+            self._refuse_overlong_line()
+        else:
+            delay = self._ctx.config.bare_message_delay_s
+            self._bare_timer = asyncio.get_running_loop().call_later(delay, self._bare_flush)
 
     def _call(self, message: Message) -> Awaitable[None] | None:
         """Decode one message and hand it to the handler; return what ``on_message`` did."""
@@ -216,25 +240,32 @@ class TcpEndpoint(asyncio.Protocol):
         ctx = self._ctx
         if ctx.debug:
             self.log.debug("message_received", size=len(payload))
+        handler = self._handler
         decoded: str | bytes = payload
-        if self._handler.text:
+        if handler.text:
             try:
                 decoded = payload.decode(ctx.encoding)
             except UnicodeDecodeError:
                 self._refuse_undecodable()
                 return None
         try:
-            return self._handler.on_message(self, decoded)
+            return handler.on_message(self, decoded)
         except Exception:
             self._handler_failed("on_message")
             return None
 
     def _end_batch(self) -> None:
+        """Write the batch's replies in one call; close if the batch asked to."""
         batch, self._batch = self._batch, None
+        transport = self._transport
+        if transport is None:
+            return
         if batch:
-            self._write(batch[0] if len(batch) == 1 else b"".join(batch))
-        if self._closing and self._transport is not None:
-            self._transport.close()
+            data = batch[0] if len(batch) == 1 else b"".join(batch)
+            self.bytes_out += len(data)
+            transport.write(data)
+        if self._closing:
+            transport.close()
 
     def _write(self, data: bytes) -> None:
         transport = self._transport
@@ -284,17 +315,17 @@ class TcpEndpoint(asyncio.Protocol):
         self._undecodable += 1
         if self._undecodable == 1:
             self.log.warning(UNDECODABLE_EVENT, encoding=self._ctx.encoding)
-        self._reply_error(self._ctx.undecodable_reply)
+        # Answered like any reply: with the message's own line ending, or none if bare.
+        self._reply_error(self._ctx.undecodable_reply + self._terminator)
 
     def _refuse_overlong_line(self) -> None:
         limit = self._ctx.config.max_line_bytes
         self.log.warning("line_too_long", max_line_bytes=limit)
-        self._reply_error(self._ctx.line_limit_reply)
+        self._reply_error(self._ctx.line_limit_reply + LF)
         self.close()
 
-    def _reply_error(self, text: bytes) -> None:
+    def _reply_error(self, line: bytes) -> None:
         self.messages_out += 1
-        line = text + (self._terminator or LF)
         if self._batch is not None:
             self._batch.append(line)
         else:

@@ -14,10 +14,18 @@ from typing import Any
 import pytest
 import uvloop
 
+from netframe.logs import configure_logging
+
 LOOPS: Mapping[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
     "uvloop": uvloop.new_event_loop,
 }
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_logs() -> None:
+    """Log as the CLI does by default (info, to stderr): no per-message debug events."""
+    configure_logging("console", "info")
 
 
 def pytest_asyncio_loop_factories(

@@ -1,0 +1,235 @@
+"""The comparison suite: the same load against netframe and the baselines, interleaved.
+
+    python benchmarks/compare.py                 # the full run behind docs/benchmarks.md
+    python benchmarks/compare.py --quick         # a one-round smoke run (about a minute)
+
+Rounds are interleaved (A B C ... A B C ...) so a machine that speeds up or slows down
+during the run shifts every server alike. For each server and scenario it reports the
+median and spread of throughput, latency and the server's CPU time (user + system) per
+operation, read from the server process. CPU per operation is the figure that holds on
+a small machine where client and server share cores; with two or more cores the server
+is pinned to the first and the load to the others.
+
+It writes a Markdown report with charts (``--out``, default docs/benchmarks.md) and the
+raw figures as JSON (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from report import write_report  # the Markdown and charts, beside this file
+
+from netframe.bench import BenchOptions, run_bench
+from netframe.bench._run import environment, free_port, spawned_server
+from netframe.config import Address
+
+HERE = Path(__file__).resolve().parent
+SERVERS_DIR = HERE / "servers"
+ROOT = HERE.parent
+
+Argv = Callable[[str, int], list[str]]  # (handler, port) -> command line
+
+
+def _netframe(loop: str) -> Argv:
+    def argv(handler: str, port: int) -> list[str]:
+        framing = "raw" if handler == "echo" else "line"
+        return [sys.executable, "-m", "netframe", "serve", "--tcp", f"127.0.0.1:{port}",
+                "--udp", f"127.0.0.1:{port}", "--handler", handler, "--framing", framing,
+                "--loop", loop, "--log-level", "warning"]  # fmt: skip
+
+    return argv
+
+
+def _baseline(script: str, loop: str) -> Argv:
+    def argv(handler: str, port: int) -> list[str]:
+        return [sys.executable, str(SERVERS_DIR / script), "--port", str(port),
+                "--udp-port", str(port), "--handler", handler, "--loop", loop]  # fmt: skip
+
+    return argv
+
+
+SERVERS: dict[str, Argv] = {
+    "netframe-uvloop": _netframe("uvloop"),
+    "netframe-asyncio": _netframe("asyncio"),
+    "raw-uvloop": _baseline("raw_protocol.py", "uvloop"),
+    "raw-asyncio": _baseline("raw_protocol.py", "asyncio"),
+    "streams-uvloop": _baseline("streams.py", "uvloop"),
+    "streams-asyncio": _baseline("streams.py", "asyncio"),
+    "threaded": _baseline("threaded.py", "asyncio"),
+}
+# (scenario, BenchOptions overrides, handler the server runs)
+SCENARIOS: dict[str, tuple[dict[str, Any], str]] = {
+    "echo-1k": ({"scenario": "echo", "size": 1024, "conns": 50}, "echo"),
+    "greeting": ({"scenario": "greeting", "conns": 50}, "greeting"),
+    "sessions": ({"scenario": "sessions", "conns": 20}, "greeting"),
+    "udp": ({"scenario": "udp", "conns": 50}, "greeting"),
+}
+HOLD_SERVERS = ("netframe-uvloop", "raw-uvloop", "netframe-asyncio", "raw-asyncio")
+
+
+def cpu_split() -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """(server CPUs, client CPUs): the first core for the server, the rest for load."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return (cpus[0],), tuple(cpus[1:])
+
+
+def measure(name: str, scenario: str, args: argparse.Namespace) -> dict[str, Any]:
+    overrides, handler = SCENARIOS.get(scenario, ({}, "greeting"))
+    if scenario == "hold":
+        overrides = {"scenario": "hold", "conns": args.hold_conns}
+    server_cpus, client_cpus = cpu_split()
+    port = free_port()
+    with spawned_server(SERVERS[name](handler, port), "127.0.0.1", port, server_cpus) as proc:
+        options = BenchOptions(
+            target=Address("127.0.0.1", port), server_pid=proc.pid,
+            duration_s=args.duration if scenario != "hold" else args.hold_duration,
+            warmup_s=args.warmup if scenario != "hold" else 0.0,
+            client_cpus=client_cpus, **overrides,
+        )  # fmt: skip
+        result = run_bench(options)
+    if result["errors"]:
+        print(f"  ! {name} {scenario}: {result['errors']} errors: {result['first_error']}")
+    return result
+
+
+def c_echo_server(workdir: Path) -> list[str] | None:
+    """Compile the C echo server used to measure the load generator alone."""
+    binary = workdir / "c_echo"
+    done = subprocess.run(["cc", "-O2", "-o", str(binary), str(SERVERS_DIR / "c_echo.c")],
+                          capture_output=True, check=False)  # fmt: skip
+    return [str(binary)] if done.returncode == 0 else None
+
+
+def loadgen_ceiling(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """How fast one load process drives echo (1 KiB, 50 connections) against a C server."""
+    server_cpus, client_cpus = cpu_split()
+    results = []
+    with tempfile.TemporaryDirectory() as workdir:
+        binary = c_echo_server(Path(workdir))
+        if binary is None:
+            print("  ! no C compiler: skipping the load generator's ceiling")
+            return []
+        for pipeline in (1, 8):
+            port = free_port()
+            with spawned_server([*binary, str(port)], "127.0.0.1", port, server_cpus) as proc:
+                options = BenchOptions(
+                    target=Address("127.0.0.1", port), server_pid=proc.pid, scenario="echo",
+                    size=1024, conns=50, pipeline=pipeline, workers=1,
+                    client_cpus=client_cpus[:1] if client_cpus else None,
+                    duration_s=args.duration, warmup_s=args.warmup,
+                )  # fmt: skip
+                results.append(run_bench(options))
+    return results
+
+
+def summarize(samples: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
+
+
+def collect(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    """Per scenario and server: median and spread of each figure over the rounds."""
+    table: dict[str, Any] = {}
+    for scenario, by_server in runs.items():
+        for name, results in by_server.items():
+            entry: dict[str, Any] = {
+                "ops_per_s": summarize([r["ops_per_s"] for r in results]),
+                "errors": sum(r["errors"] for r in results),
+            }
+            cpu = [r["server"].get("cpu_us_per_op") for r in results]
+            if all(c is not None for c in cpu):
+                entry["cpu_us_per_op"] = summarize(cpu)  # type: ignore[arg-type]
+            if all("latency_us" in r for r in results):
+                for key in ("p50", "p99"):
+                    entry[f"latency_{key}_us"] = summarize([r["latency_us"][key] for r in results])
+            if scenario == "udp":
+                entry["loss_ratio"] = summarize([r["loss_ratio"] for r in results])
+            if scenario == "hold":
+                entry["bytes_per_conn"] = summarize(
+                    [r["hold"].get("bytes_per_conn", float("nan")) for r in results]
+                )
+                entry["held"] = min(r["hold"]["held"] for r in results)
+            table.setdefault(scenario, {})[name] = entry
+    return table
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds measured per run")
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated names")
+    parser.add_argument("--scenarios", default=",".join([*SCENARIOS, "hold"]))
+    parser.add_argument("--hold-conns", type=int, default=10_000)
+    parser.add_argument("--hold-duration", type=float, default=2.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench-results" / "compare.json")
+    parser.add_argument("--quick", action="store_true",
+                        help="one round of 2 s, 2,000 held connections: a smoke run")  # fmt: skip
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.duration, args.warmup, args.hold_conns = 1, 2.0, 0.5, 2000
+    servers = [s for s in args.servers.split(",") if s]
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = [s for s in servers if s not in SERVERS] + [
+        s for s in scenarios if s not in SCENARIOS and s != "hold"
+    ]
+    if unknown:
+        parser.error(f"unknown server or scenario: {', '.join(unknown)}")
+
+    started = time.monotonic()
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for round_no in range(1, args.rounds + 1):
+        for scenario in scenarios:
+            names = [s for s in servers if scenario != "hold" or s in HOLD_SERVERS]
+            for name in names:
+                print(f"round {round_no}/{args.rounds}  {scenario:<9} {name}", flush=True)
+                result = measure(name, scenario, args)
+                runs.setdefault(scenario, {}).setdefault(name, []).append(result)
+    print("load generator ceiling (C echo server)", flush=True)
+    ceiling = loadgen_ceiling(args)
+    document = {
+        "command": " ".join(["python", "benchmarks/compare.py", *sys.argv[1:]]),
+        "environment": environment(),
+        "cpu_split": {"server": cpu_split()[0], "client": cpu_split()[1]},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "json")},
+        "elapsed_s": time.monotonic() - started,
+        "summary": collect(runs),
+        "loadgen_ceiling": [
+            {
+                "pipeline": r["options"]["pipeline"],
+                "ops_per_s": r["ops_per_s"],
+                "client_cpu_pct": r["client_cpu_pct"],
+                "errors": r["errors"],
+            }
+            for r in ceiling
+        ],
+        "runs": {s: {n: [_slim(r) for r in rs] for n, rs in by.items()} for s, by in runs.items()},
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(document, indent=2) + "\n")
+
+    write_report(document, args.out)
+    print(f"wrote {args.out} and {args.json}")
+    return 0
+
+
+def _slim(result: dict[str, Any]) -> dict[str, Any]:
+    """A run without its per-100 ms timeline, to keep the JSON readable."""
+    return {k: v for k, v in result.items() if k not in ("timeline_ops_per_s", "environment")}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Turning a comparison run (compare.py's JSON) into docs/benchmarks.md and its charts.
+
+python benchmarks/report.py bench-results/compare.json   # redraw without re-running
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+CPU_TARGETS = {"echo-1k": 1.05, "greeting": 1.05, "sessions": 1.10}
+UDP_TARGET = 0.95
+HOLD_TARGET_BYTES = 2048
+LOADGEN_TARGET = 100_000
+
+
+def _spread(figure: dict[str, float] | None, fmt: str) -> str:
+    if not figure or any(math.isnan(v) for v in figure.values()):
+        return "n/a"
+    median, low, high = (format(figure[k], fmt) for k in ("median", "min", "max"))
+    return f"{median} ({low}-{high})"
+
+
+def _baseline_name(name: str) -> str | None:
+    for loop in ("uvloop", "asyncio"):
+        if name.endswith(loop) and not name.startswith("raw-"):
+            return f"raw-{loop}"
+    return None
+
+
+def _ratio(summary: dict[str, Any], scenario: str, name: str, key: str) -> float | None:
+    base = _baseline_name(name)
+    rows = summary.get(scenario, {})
+    if base not in rows or key not in rows[name] or key not in rows[base]:
+        return None
+    return float(rows[name][key]["median"] / rows[base][key]["median"])
+
+
+def scenario_table(summary: dict[str, Any], scenario: str) -> list[str]:
+    lines = [
+        "| server | ops/s median (min-max) | p50 us | p99 us | server CPU us/op median "
+        "(min-max) | CPU/op vs raw, same loop | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in summary[scenario].items():
+        ratio = _ratio(summary, scenario, name, "cpu_us_per_op")
+        lines.append(
+            f"| {name} | {_spread(row['ops_per_s'], ',.0f')} "
+            f"| {_spread(row.get('latency_p50_us'), ',.0f')} "
+            f"| {_spread(row.get('latency_p99_us'), ',.0f')} "
+            f"| {_spread(row.get('cpu_us_per_op'), '.2f')} "
+            f"| {'' if ratio is None else f'{ratio:.3f}x'} | {row['errors']} |"
+        )
+    return lines
+
+
+def targets(document: dict[str, Any]) -> list[str]:
+    summary = document["summary"]
+    lines = ["| target | measured | met |", "|---|---:|:---:|"]
+    for scenario, limit in CPU_TARGETS.items():
+        ratio = _ratio(summary, scenario, "netframe-uvloop", "cpu_us_per_op")
+        if ratio is not None:
+            lines.append(
+                f"| {scenario}: netframe-uvloop server CPU/op <= {limit:.2f}x raw-uvloop "
+                f"| {ratio:.3f}x | {'yes' if ratio <= limit else 'no'} |"
+            )
+    ratio = _ratio(summary, "udp", "netframe-uvloop", "ops_per_s")
+    if ratio is not None:
+        lines.append(
+            f"| udp: netframe-uvloop throughput >= {UDP_TARGET:.2f}x raw-uvloop "
+            f"| {ratio:.3f}x | {'yes' if ratio >= UDP_TARGET else 'no'} |"
+        )
+    hold = summary.get("hold", {}).get("netframe-uvloop")
+    if hold:
+        per_conn = hold["bytes_per_conn"]["median"]
+        lines.append(
+            f"| hold: netframe-uvloop memory per idle connection <= 2 KiB "
+            f"({hold['held']:,} held) | {per_conn:,.0f} B | "
+            f"{'yes' if per_conn <= HOLD_TARGET_BYTES else 'no'} |"
+        )
+    for run in document.get("loadgen_ceiling", []):
+        rate = run["ops_per_s"]
+        met = "yes" if rate >= LOADGEN_TARGET else "no"
+        lines.append(
+            f"| load generator, one process, echo 1 KiB, 50 conns, pipeline "
+            f"{run['pipeline']}: >= 100,000 ops/s | {rate:,.0f} ops/s at "
+            f"{run['client_cpu_pct']:.0f}% of a core | {met} |"
+        )
+    return lines
+
+
+def charts(summary: dict[str, Any], folder: Path) -> list[str]:
+    """Server CPU per operation and throughput, grouped by scenario; returns file names."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    scenarios = [s for s in summary if s != "hold"]
+    servers = list(dict.fromkeys(n for s in scenarios for n in summary[s]))
+    written = []
+    for key, title, name in [
+        ("cpu_us_per_op", "server CPU per operation (us, lower is better)", "cpu_per_op.png"),
+        ("ops_per_s", "throughput (ops/s, higher is better)", "throughput.png"),
+    ]:
+        figure, axis = plt.subplots(figsize=(11, 4.5))
+        width = 0.8 / max(1, len(servers))
+        for i, server in enumerate(servers):
+            values = [summary[s].get(server, {}).get(key, {}).get("median", 0) for s in scenarios]
+            positions = [x + i * width for x in range(len(scenarios))]
+            axis.bar(positions, values, width, label=server)
+        axis.set_xticks([x + width * (len(servers) - 1) / 2 for x in range(len(scenarios))])
+        axis.set_xticklabels(scenarios)
+        axis.set_title(title)
+        axis.legend(fontsize="small", ncol=2)
+        figure.tight_layout()
+        figure.savefig(folder / name, dpi=90)
+        plt.close(figure)
+        written.append(name)
+    return written
+
+
+def write_report(document: dict[str, Any], out: Path) -> None:
+    """Write the Markdown report and its charts (into a folder named after it)."""
+    env = document["environment"]
+    summary = document["summary"]
+    image_dir = out.with_suffix("")
+    images = charts(summary, image_dir)
+    settings = document["settings"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Produced by the comparison suite; every figure below comes from one run of",
+        "",
+        f"    {document['command']}",
+        "",
+        f"on {env['time_utc']}: Python {env['python']}, uvloop {env['uvloop']}, netframe "
+        f"{env['netframe']}, {env['cpu_count']} CPUs ({env['cpu_model']}), {env['platform']}. "
+        f"Server pinned to CPUs {document['cpu_split']['server']}, load to "
+        f"{document['cpu_split']['client']}. {settings['rounds']} interleaved rounds of "
+        f"{settings['duration']:g} s after {settings['warmup']:g} s of warm-up; figures are "
+        "the median over rounds, with the range in brackets. The load generator is "
+        "`python -m netframe bench` (closed loop, one request in flight per connection). "
+        "netframe runs with `--log-level warning` (no per-connection log lines), the "
+        "baselines log nothing.",
+        "",
+        "Server CPU per operation is user + system time of the server process divided by "
+        "the operations completed, the figure that holds when client and server share a "
+        "small machine.",
+        "",
+        "## Targets",
+        "",
+        *targets(document),
+        "",
+    ]
+    for name in images:
+        lines += [f"![{name}]({image_dir.name}/{name})", ""]
+    for scenario in summary:
+        if scenario == "hold":
+            continue
+        lines += [f"## {scenario}", "", *scenario_table(summary, scenario), ""]
+    if "hold" in summary:
+        lines += [
+            f"## hold ({settings['hold_conns']:,} idle connections)",
+            "",
+            "| server | held | server memory per connection (RSS growth / held) |",
+            "|---|---:|---:|",
+        ]
+        for name, row in summary["hold"].items():
+            lines.append(
+                f"| {name} | {row['held']:,} | {_spread(row['bytes_per_conn'], ',.0f')} B |"
+            )
+        lines.append("")
+    out.write_text("\n".join(lines))
+
+
+def main() -> int:
+    source = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("bench-results/compare.json")
+    out = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("docs/benchmarks.md")
+    write_report(json.loads(source.read_text()), out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
