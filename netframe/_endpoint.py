@@ -61,9 +61,12 @@ class EndpointContext:
         self.encoding = config.encoding
         # Resolve structlog's lazy proxy once: every connection binds from a real logger.
         self.log = self.log.bind()
+        # netframe's own per-connection and per-message events follow config.log_level
+        # even where the application's structlog set-up would let everything through.
+        floor = logging.getLevelNamesMapping()[config.log_level.upper()]
         enabled = getattr(self.log, "is_enabled_for", lambda level: True)
-        self.debug = bool(enabled(logging.DEBUG))
-        self.info = bool(enabled(logging.INFO))
+        self.debug = floor <= logging.DEBUG and bool(enabled(logging.DEBUG))
+        self.info = floor <= logging.INFO and bool(enabled(logging.INFO))
         self.undecodable_reply = error_reply(f"message is not valid {config.encoding}")
         self.line_limit_reply = error_reply(f"line exceeds {config.max_line_bytes} bytes")
         self.next_id = _connection_ids.__next__

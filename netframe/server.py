@@ -222,6 +222,12 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+def _name(handler: object) -> str:
+    if isinstance(handler, str):
+        return handler
+    return f"{getattr(handler, '__module__', '?')}:{getattr(handler, '__qualname__', handler)}"
+
+
 def run(config: Config | None = None, **settings: Any) -> int:
     """Run a server in the foreground until SIGINT or SIGTERM; return the exit status 0.
 
@@ -251,7 +257,7 @@ async def _serve_until_signal(server: Server, loop_name: str) -> None:
         get_logger().info(
             "serving",
             loop=loop_name,
-            handler=str(server.config.handler),
+            handler=_name(server.config.handler),
             framing=server.config.framing,
         )
         await server.serve_forever()

@@ -19,7 +19,7 @@ class WordCount(Handler):
             return
         words = len(message.split())
         self.total += words
-        conn.send(f"{words} words, {self.total} so far")
+        conn.send(f"{words} word{'' if words == 1 else 's'}, {self.total} so far")
 
 
 if __name__ == "__main__":

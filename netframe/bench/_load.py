@@ -43,11 +43,15 @@ class Tally:
         self.timeline = [0] * max(1, -(-(window_end_ns - window_start_ns) // BUCKET_NS))
         self.first_error: str | None = None
 
-    def done(self, now_ns: int, latency_ns: int) -> None:
-        """One operation completed at ``now_ns`` after ``latency_ns``."""
+    def done(self, now_ns: int, latency_ns: int, bytes_in: int, bytes_out: int) -> None:
+        """One operation completed at ``now_ns`` after ``latency_ns``, having moved
+        ``bytes_in`` and ``bytes_out``: bytes are counted by operation, so they cover
+        exactly the operations the window counts."""
         if not self.start_ns <= now_ns < self.end_ns:
             return
         self.ops += 1
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
         self.timeline[(now_ns - self.start_ns) // BUCKET_NS] += 1
         if self._stride > 1:
             self._skip += 1
@@ -129,13 +133,9 @@ class StreamLoad(asyncio.Protocol):
         self._write(n)
 
     def _write(self, n: int) -> None:
-        data = self.request * n if n > 1 else self.request
-        self.tally.bytes_out += len(data)
-        self.transport.write(data)
+        self.transport.write(self.request * n if n > 1 else self.request)
 
     def data_received(self, data: bytes) -> None:
-        tally = self.tally
-        tally.bytes_in += len(data)
         target, pos = self._target, self._pos
         size = len(target)
         completed = 0
@@ -168,8 +168,9 @@ class StreamLoad(asyncio.Protocol):
         if len(inflight) < n:
             self._fail("more replies than requests")
             return
+        size_in, size_out = len(self.reply), len(self.request)
         for _ in range(n):
-            tally.done(now, now - inflight.popleft())
+            tally.done(now, now - inflight.popleft(), size_in, size_out)
         if not tally.in_window():
             return
         if self.open_loop:
@@ -180,6 +181,8 @@ class StreamLoad(asyncio.Protocol):
     def _fail(self, reason: str) -> None:
         self.tally.error(reason)
         self.closed = True
+        if not self.ready.done():  # a wrong greeting: say what came instead
+            self.ready.set_exception(ConnectionError(reason))
         self.transport.abort()
 
     def stop(self) -> None:
@@ -243,11 +246,11 @@ class DatagramLoad(asyncio.DatagramProtocol):
     come within ``timeout_ns`` is counted lost and replaced."""
 
     def __init__(
-        self, tally: Tally, conn_id: int, pipeline: int, timeout_ns: int, padding: bytes
+        self, tally: Tally, conn_id: int, pipeline: int, timeout_ns: int, size: int
     ) -> None:
         self.tally = tally
         self.prefix = b"u%d-" % conn_id
-        self.padding = padding
+        self.size = size
         self.pipeline = pipeline
         self.timeout_ns = timeout_ns
         self.transport: Any = None
@@ -264,22 +267,22 @@ class DatagramLoad(asyncio.DatagramProtocol):
 
     def _send(self, now_ns: int) -> None:
         self.seq += 1
-        name = self.prefix + b"%d" % self.seq + self.padding
+        name = self.prefix + b"%d" % self.seq
+        if len(name) < self.size:  # pad to --size; the sequence number keeps it unique
+            name += b"-" * (self.size - len(name))
         self.outstanding[name] = now_ns
-        self.tally.bytes_out += len(name)
         self.transport.sendto(name)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         now = time.monotonic_ns()
         tally = self.tally
-        tally.bytes_in += len(data)
         if not (data.startswith(b"Hello, ") and data.endswith(b"!")):
             tally.error(f"unexpected datagram {data[:60]!r}")
             return
         sent = self.outstanding.pop(data[7:-1], None)
         if sent is None:
             return  # a late reply to a request already counted lost
-        tally.done(now, now - sent)
+        tally.done(now, now - sent, len(data), len(data) - len(b"Hello, !"))
         if tally.in_window():
             self._send(now)
 

@@ -137,7 +137,10 @@ def spawned_server(
         )
         try:
             if cpus:
-                os.sched_setaffinity(proc.pid, cpus)
+                try:
+                    os.sched_setaffinity(proc.pid, cpus)
+                except OSError as exc:
+                    raise BenchError(f"cannot pin the server to CPUs {cpus}: {exc}") from None
             try:
                 wait_until_listening(host, port, proc)
             except BenchError as exc:
@@ -208,7 +211,10 @@ def _jobs(options: BenchOptions, target: Address) -> list[Job]:
 def _measure(
     options: BenchOptions, target: Address, pid: int | None, progress: Progress | None
 ) -> dict[str, Any]:
-    server = psutil.Process(pid) if pid else None
+    try:
+        server = psutil.Process(pid) if pid else None
+    except psutil.Error:
+        raise BenchError(f"no process with id {pid} to measure") from None
     rss_idle = server.memory_info().rss if server else None
     jobs = _jobs(options, target)
     context = multiprocessing.get_context("spawn")
@@ -218,6 +224,7 @@ def _measure(
         parent, child = context.Pipe()
         proc = context.Process(target=worker_main, args=(job, child, counters), daemon=True)
         proc.start()
+        child.close()  # so a load process that dies shows as the end of its pipe
         pipes.append(parent)
         procs.append(proc)
     try:
@@ -265,7 +272,10 @@ def _measure(
 def _receive(pipe: Any, kind: str, timeout_s: float) -> Any:
     if not pipe.poll(timeout_s):
         raise BenchError(f"a load process sent no {kind!r} within {timeout_s:g} s")
-    tag, value = pipe.recv()
+    try:
+        tag, value = pipe.recv()
+    except EOFError:
+        raise BenchError("a load process exited without reporting (see its error above)") from None
     if tag == "failed":
         raise BenchError(f"a load process failed: {value}")
     if tag != kind:

@@ -73,10 +73,10 @@ def messages(job: Job, conn_id: int) -> tuple[bytes, bytes, bytes]:
 
 def worker_main(job: Job, pipe: Pipe, progress: Any) -> None:
     """Process entry point."""
-    if job.cpus:
-        os.sched_setaffinity(0, job.cpus)
-    raise_open_file_limit(job.conns * 2 + 64)
     try:
+        if job.cpus:
+            os.sched_setaffinity(0, job.cpus)
+        raise_open_file_limit(job.conns * 2 + 64)
         with asyncio.Runner(loop_factory=loop_factory("auto")) as runner:
             result = runner.run(_run(job, pipe, progress))
     except Exception as exc:  # reported to the parent, which prints one line
@@ -185,9 +185,8 @@ async def _connect_streams(job: Job, tally: Tally) -> list[StreamLoad]:
 
 async def _open_datagram(job: Job, tally: Tally, conn_id: int) -> DatagramLoad:
     loop = asyncio.get_running_loop()
-    padding = b"-" * max(0, job.size - len(b"u%d-1" % conn_id))
     _, protocol = await loop.create_datagram_endpoint(
-        lambda: DatagramLoad(tally, conn_id, job.pipeline, int(job.udp_timeout_s * 1e9), padding),
+        lambda: DatagramLoad(tally, conn_id, job.pipeline, int(job.udp_timeout_s * 1e9), job.size),
         remote_addr=(job.host, job.port),
     )
     return protocol
@@ -209,17 +208,15 @@ async def _session_loop(job: Job, tally: Tally, conn_id: int) -> None:
                 tally.error(f"connect failed: {exc}")
             await asyncio.sleep(0.01)
             continue
-        tally.bytes_out += len(request) + len(exit_request)
         try:
             error = await asyncio.wait_for(protocol.done, _SESSION_TIMEOUT_S)
         except TimeoutError:
             error = f"session timed out after {_SESSION_TIMEOUT_S} s"
             transport.abort()
-        tally.bytes_in += protocol.bytes_in
         now = time.monotonic_ns()
         if error is None:
-            tally.done(now, now - began)
-        elif tally.start_ns <= now < tally.end_ns:
+            tally.done(now, now - began, protocol.bytes_in, len(request) + len(exit_request))
+        else:
             tally.error(error)
 
 

@@ -1,0 +1,546 @@
+"""The load generator: it counts, it checks every reply byte for byte, it stops on time.
+
+These tests are about what the bench reports, never about how fast anything is: the
+machine running them may be small and busy, so runs are short, with one load process and
+few connections, and no figure is compared with a speed. Servers are real: netframe in a
+background thread, a tiny hand-written UDP responder, or ``--spawn``'s subprocess.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from netframe.bench import BenchError, BenchOptions, run_bench
+from netframe.config import Address
+from netframe.handlers import Connection, Handler
+from netframe.logs import configure_logging
+from netframe.testing import server_thread
+
+GREETING = b"Welcome!\n"
+PERCENTILE_KEYS = ("p50", "p90", "p99", "p99.9", "max")
+# Only a guard against a hang: no test here is about speed.
+HANG_GUARD_S = 30.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quiet_server_logs() -> Iterator[None]:
+    """In-process servers log each connection; these runs open many: keep warnings only."""
+    saved = structlog.get_config()
+    configure_logging("console", "warning", sys.__stderr__)
+    yield
+    structlog.configure(**saved)
+
+
+# -- servers -------------------------------------------------------------------------------
+
+
+@contextmanager
+def line_server(handler: Any = "greeting", framing: str = "line") -> Iterator[Address]:
+    """A netframe TCP server in a background thread; yields its address."""
+    with server_thread(handler=handler, framing=framing, tcp=["127.0.0.1:0"]) as server:
+        host, port = server.address("tcp")
+        yield Address(host, port)
+
+
+class HiHandler(Handler):
+    """Greets correctly, then answers ``X`` with ``Hi, X!``: every reply is wrong."""
+
+    __slots__ = ()
+
+    def on_connect(self, conn: Connection) -> None:
+        conn.send("Welcome!")
+
+    def on_message(self, conn: Connection, message: str) -> None:
+        conn.send(f"Hi, {message}!")
+
+
+class LateTypoHandler(Handler):
+    """Answers the first 20 messages right, then ``Hello, X!!``: wrong in its last byte."""
+
+    __slots__ = ("answered",)
+    good_replies = 20
+
+    def __init__(self) -> None:
+        self.answered = 0
+
+    def on_connect(self, conn: Connection) -> None:
+        conn.send("Welcome!")
+
+    def on_message(self, conn: Connection, message: str) -> None:
+        self.answered += 1
+        bang = "!" if self.answered <= self.good_replies else "!!"
+        conn.send(f"Hello, {message}{bang}")
+
+
+class WrongGreetingHandler(Handler):
+    """Greets with ``Howdy!`` instead of ``Welcome!``."""
+
+    __slots__ = ()
+
+    def on_connect(self, conn: Connection) -> None:
+        conn.send("Howdy!")
+
+    def on_message(self, conn: Connection, message: str) -> None:
+        conn.send(f"Hello, {message}!")
+
+
+@contextmanager
+def udp_responder(reply: Callable[[int, bytes], bytes | None]) -> Iterator[Address]:
+    """A blocking UDP server in a thread: the n-th datagram (from 1) gets ``reply(n, data)``,
+    or nothing when that is None."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.05)
+    stop = threading.Event()
+
+    def serve() -> None:
+        count = 0
+        while not stop.is_set():
+            try:
+                data, peer = sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            count += 1
+            answer = reply(count, data)
+            if answer is not None:
+                with suppress(OSError):  # the client may be gone already
+                    sock.sendto(answer, peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield Address("127.0.0.1", sock.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join(10)
+        sock.close()
+
+
+def greet_udp(data: bytes) -> bytes:
+    return b"Hello, " + data + b"!"
+
+
+@contextmanager
+def refusing_port() -> Iterator[int]:
+    """A loopback port that is bound but not listening: connections to it are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+# -- running -------------------------------------------------------------------------------
+
+
+def bench(**options: Any) -> dict[str, Any]:
+    """run_bench with this module's small defaults, guarded against a hang."""
+    settings: dict[str, Any] = {"conns": 2, "duration_s": 1, "warmup_s": 0.2, "workers": 1}
+    settings.update(options)
+    began = time.monotonic()
+    result = run_bench(BenchOptions(**settings))
+    assert time.monotonic() - began < HANG_GUARD_S
+    return result
+
+
+def netframe(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "netframe", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], code: int, text: str) -> None:
+    assert done.returncode == code, done
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert text in lines[0], lines[0]
+
+
+def assert_latency_ordered(result: dict[str, Any]) -> None:
+    latency = result["latency_us"]
+    values = [latency[key] for key in PERCENTILE_KEYS]
+    assert all(v > 0 for v in values), latency
+    assert values == sorted(values), latency
+    assert 0 < latency["mean"] <= latency["max"]
+    assert result["latency_samples"] == result["ops"]  # far below the sample cap
+
+
+def assert_clean(result: dict[str, Any]) -> None:
+    assert result["errors"] == 0, result["first_error"]
+    assert result["first_error"] is None
+    assert result["connect_errors"] == 0
+    assert result["ops"] > 0
+
+
+def assert_window_bytes(actual: int, ops: int, per_op: int, in_flight: int) -> None:
+    """Bytes counted in the window match its operations, give or take those in flight
+    at its two edges (``in_flight`` requests each)."""
+    assert (ops - in_flight) * per_op <= actual <= (ops + in_flight) * per_op
+
+
+# -- 1, 4: a short run against a real server -----------------------------------------------
+
+
+def test_greeting_run_counts_operations_and_checks_every_reply() -> None:
+    with line_server() as target:
+        began = time.monotonic()
+        result = bench(scenario="greeting", target=target, server_pid=os.getpid())
+        elapsed = time.monotonic() - began
+    assert elapsed < HANG_GUARD_S
+    assert_clean(result)
+    ops = result["ops"]
+    assert result["scenario"] == "greeting"
+    assert result["connections_ready"] == 2
+    assert result["ops_per_s"] == ops / 1
+    assert_latency_ordered(result)
+    # Connections c0 and c1 send b"cN\n" and must get b"Hello, cN!\n" back, after b"Welcome!\n".
+    assert_window_bytes(result["bytes_out"], ops, len(b"c0\n"), in_flight=2)
+    assert_window_bytes(result["bytes_in"], ops, len(b"Hello, c0!\n"), in_flight=2)
+    # The timeline: one bucket per 100 ms of the window, in ops/s, adding up to the ops.
+    timeline = result["timeline_ops_per_s"]
+    assert len(timeline) == 10
+    assert sum(timeline) == ops * 10
+    # The server's CPU is read when its pid is known (here, this very process).
+    assert result["server"]["pid"] == os.getpid()
+    assert result["server"]["cpu_s"] >= 0
+    assert result["server"]["cpu_us_per_op"] == pytest.approx(result["server"]["cpu_s"] / ops * 1e6)
+    options = result["options"]
+    assert options["target"] == str(target)
+    assert options["workers"] == 1
+    assert options["framing"] == "line"
+
+
+@pytest.mark.parametrize(("duration_s", "buckets"), [(0.5, 5), (0.3, 3)])
+def test_a_run_stops_at_its_duration(duration_s: float, buckets: int) -> None:
+    with line_server() as target:
+        began = time.monotonic()
+        result = bench(scenario="greeting", target=target, conns=1, duration_s=duration_s)
+        elapsed = time.monotonic() - began
+    # Not a speed figure: a run that ignored its duration would hang far past this.
+    assert elapsed < HANG_GUARD_S
+    # ... and it cannot be shorter than its warmup and window.
+    assert elapsed >= 0.2 + duration_s
+    assert len(result["timeline_ops_per_s"]) == buckets
+    assert sum(result["timeline_ops_per_s"]) == result["ops"] * 10
+    assert result["ops_per_s"] == pytest.approx(result["ops"] / duration_s)
+    assert_clean(result)
+
+
+# -- 2: a wrong server never looks fast ----------------------------------------------------
+
+
+def test_a_wrong_reply_is_an_error_and_no_operation() -> None:
+    with line_server(HiHandler) as target:
+        result = bench(scenario="greeting", target=target, duration_s=0.5)
+    assert result["ops"] == 0
+    # Each connection is dropped at its first wrong byte: one error per connection.
+    assert result["errors"] == 2
+    assert "unexpected reply bytes" in result["first_error"]
+    assert "Hi, c" in result["first_error"]
+    assert "latency_us" not in result
+
+
+def test_a_reply_wrong_only_in_its_last_byte_is_caught() -> None:
+    with line_server(LateTypoHandler) as target:
+        result = bench(scenario="greeting", target=target, warmup_s=0)
+    # 20 right replies per connection count; the 21st ("Hello, cN!!") ends each connection.
+    assert result["ops"] == 2 * LateTypoHandler.good_replies
+    assert result["errors"] == 2
+    assert re.search(r"unexpected reply bytes b'Hello, c[01]!!\\n'", result["first_error"])
+
+
+def test_echo_scenario_against_a_greeting_server_is_an_error() -> None:
+    with line_server("greeting") as target:
+        result = bench(scenario="echo", target=target, framing="line", size=16, duration_s=0.5)
+    assert result["ops"] == 0
+    assert result["errors"] == 2
+    assert "Welcome!" in result["first_error"]
+
+
+def test_the_cli_exits_1_when_replies_are_wrong(tmp_path: Path) -> None:
+    out = tmp_path / "wrong.json"
+    with line_server(HiHandler) as target:
+        done = netframe(
+            "bench", "--target", str(target), "--conns", "1", "--workers", "1",
+            "--duration", "0.5", "--warmup", "0", "--no-progress", "--json", str(out),
+        )  # fmt: skip
+    assert done.returncode == 1, done
+    assert "Traceback" not in done.stderr
+    result = json.loads(out.read_text())
+    assert result["errors"] == 1
+    assert result["ops"] == 0
+
+
+def test_a_wrong_greeting_names_the_bytes_received() -> None:
+    with line_server(WrongGreetingHandler) as target, pytest.raises(BenchError) as caught:
+        bench(scenario="greeting", target=target, duration_s=0.5)
+    assert "Howdy!" in str(caught.value)
+
+
+# -- 3: UDP loss is counted, not hidden ----------------------------------------------------
+
+
+def test_udp_loss_is_counted() -> None:
+    # Answer every other datagram; the rest are lost.
+    with udp_responder(lambda n, data: greet_udp(data) if n % 2 else None) as target:
+        result = bench(scenario="udp", target=target, size=16, udp_timeout_s=0.05)
+    assert result["errors"] == 0, result["first_error"]
+    assert result["ops"] > 0
+    assert result["lost"] > 0
+    assert 0 < result["loss_ratio"] < 1
+    assert result["loss_ratio"] == result["lost"] / (result["ops"] + result["lost"])
+    assert_latency_ordered(result)
+
+
+def test_udp_with_no_replies_at_all_is_total_loss() -> None:
+    with udp_responder(lambda n, data: None) as target:
+        result = bench(scenario="udp", target=target, size=16, udp_timeout_s=0.05, duration_s=0.5)
+    assert result["ops"] == 0
+    assert result["lost"] > 0
+    assert result["loss_ratio"] == 1.0
+    assert "latency_us" not in result
+
+
+def test_udp_wrong_replies_are_errors() -> None:
+    with udp_responder(lambda n, data: b"Hi, " + data + b"!") as target:
+        result = bench(scenario="udp", target=target, size=16, udp_timeout_s=0.05, duration_s=0.5)
+    assert result["ops"] == 0
+    assert result["errors"] > 0
+    assert "unexpected datagram b'Hi, u" in result["first_error"]
+
+
+# -- 5: JSON and the plot, through the real command line (CI's smoke benchmark) ------------
+
+
+def test_cli_spawn_writes_json_and_a_plot(tmp_path: Path) -> None:
+    json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    done = netframe(
+        "bench", "--spawn", "--scenario", "greeting", "--conns", "2", "--workers", "1",
+        "--duration", "1", "--warmup", "0.2", "--no-progress",
+        "--json", str(json_path), "--plot", str(png_path),
+    )  # fmt: skip
+    assert done.returncode == 0, done
+    assert "Traceback" not in done.stderr
+    assert "operations" in done.stdout  # the summary table
+    result = json.loads(json_path.read_text())
+    assert_clean(result)
+    assert result["ops_per_s"] == result["ops"] / 1
+    assert_latency_ordered(result)
+    assert set(result["options"]) == {f.name for f in dataclasses.fields(BenchOptions)}
+    assert result["options"]["scenario"] == "greeting"
+    assert result["options"]["conns"] == 2
+    assert result["options"]["duration_s"] == 1
+    assert result["options"]["warmup_s"] == 0.2
+    assert result["options"]["spawn_args"] == []
+    environment = result["environment"]
+    for key in ("python", "cpu_count", "cpu_model", "netframe", "client_loop"):
+        assert environment[key], key
+    server = result["server"]
+    assert isinstance(server["pid"], int)
+    assert server["cpu_s"] >= 0
+    assert server["cpu_us_per_op"] == pytest.approx(server["cpu_s"] / result["ops"] * 1e6)
+    assert server["command"][:3] == ["-m", "netframe", "serve"]
+    assert png_path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_spawned_echo_with_64_kib_messages() -> None:
+    size = 65536
+    result = bench(scenario="echo", spawn_args=(), size=size, duration_s=0.5)
+    assert_clean(result)
+    ops = result["ops"]
+    assert_window_bytes(result["bytes_out"], ops, size, in_flight=2)
+    assert_window_bytes(result["bytes_in"], ops, size, in_flight=2)
+    assert result["mib_per_s"] == pytest.approx(ops * size / 0.5 / 2**20)
+    assert result["options"]["framing"] == "raw"
+
+
+def test_spawned_sessions() -> None:
+    result = bench(scenario="sessions", spawn_args=(), duration_s=0.5)
+    assert_clean(result)
+    ops = result["ops"]
+    # Each session: greeting, b"cN\n" -> b"Hello, cN!\n", b"exit\n", the server closes.
+    in_flight = result["options"]["conns"]
+    per_session_in = len(GREETING) + len(b"Hello, c0!\n")
+    assert_window_bytes(result["bytes_in"], ops, per_session_in, in_flight)
+    assert_window_bytes(result["bytes_out"], ops, len(b"c0\n") + len(b"exit\n"), in_flight)
+    assert_latency_ordered(result)
+
+
+def test_spawned_udp() -> None:
+    size = 64
+    result = bench(scenario="udp", spawn_args=(), size=size, duration_s=0.5)
+    assert result["errors"] == 0, result["first_error"]
+    assert result["ops"] > 0
+    assert 0 <= result["loss_ratio"] < 1
+    in_flight = result["options"]["conns"]
+    assert_window_bytes(result["bytes_out"], result["ops"], size, in_flight)
+    assert_window_bytes(result["bytes_in"], result["ops"], size + len(b"Hello, !"), in_flight)
+
+
+# -- 6: hold -------------------------------------------------------------------------------
+
+
+def test_hold_keeps_its_connections_and_reports_memory_per_connection() -> None:
+    result = bench(scenario="hold", spawn_args=(), conns=200, duration_s=0.5, warmup_s=0)
+    assert result["errors"] == 0, result["first_error"]
+    assert result["connect_errors"] == 0
+    assert result["connections_ready"] == 200
+    assert result["ops"] == 0
+    hold = result["hold"]
+    assert hold["requested"] == 200
+    assert hold["held"] == 200
+    assert isinstance(hold["bytes_per_conn"], float)
+    assert hold["bytes_per_conn"] > 0
+
+
+# -- 7: open loop --------------------------------------------------------------------------
+
+
+def test_open_loop_follows_its_schedule() -> None:
+    with line_server() as target:
+        result = bench(scenario="greeting", target=target, rate=200)
+    assert result["errors"] == 0, result["first_error"]
+    # 200 requests per second for 1 s: about the schedule, not about speed.
+    assert 100 <= result["ops"] <= 300
+    assert result["options"]["rate"] == 200
+    assert_latency_ordered(result)
+
+
+# -- 9: command-line mistakes --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        ([], "one of the arguments --target --spawn is required"),
+        (["--target", "nothost:1", "--spawn"], "not allowed with argument"),
+        (
+            ["--spawn", "--scenario", "greeting", "--framing", "raw", "--pipeline", "4"],
+            "raw framing has no message boundaries",
+        ),
+        (["--spawn", "--scenario", "udp", "--rate", "10"], "--rate applies to"),
+        (["--target", "127.0.0.1:x"], "malformed address '127.0.0.1:x'"),
+        (["--spawn", "--warmup", "-1"], "--warmup not negative"),
+        (["--spawn", "--conns", "0"], "must be greater than 0"),
+    ],
+)
+def test_bad_bench_command_lines_are_one_line_and_exit_2(args: list[str], text: str) -> None:
+    assert_one_line_error(netframe("bench", *args), 2, text)
+
+
+def test_a_refused_target_is_one_line_and_exit_1() -> None:
+    with refusing_port() as port:
+        done = netframe("bench", "--target", f"127.0.0.1:{port}", "--workers", "1", "--no-progress")
+    assert_one_line_error(done, 1, f"cannot connect to 127.0.0.1:{port}")
+
+
+def test_run_bench_raises_bench_error_for_a_refused_target() -> None:
+    with refusing_port() as port, pytest.raises(BenchError, match="cannot connect"):
+        bench(scenario="greeting", target=Address("127.0.0.1", port))
+
+
+def test_a_server_pid_that_does_not_exist_is_one_line() -> None:
+    with line_server() as target:
+        done = netframe(
+            "bench", "--target", str(target), "--server-pid", "999999999", "--conns", "1",
+            "--workers", "1", "--duration", "0.5", "--warmup", "0", "--no-progress",
+        )  # fmt: skip
+    assert done.returncode in (1, 2)
+    assert_one_line_error(done, done.returncode, "999999999")
+
+
+def test_server_cpus_that_do_not_exist_are_one_line() -> None:
+    done = netframe(
+        "bench", "--spawn", "--server-cpus", "4095", "--conns", "1", "--workers", "1",
+        "--duration", "0.5", "--warmup", "0", "--no-progress",
+    )  # fmt: skip
+    assert done.returncode in (1, 2)
+    assert_one_line_error(done, done.returncode, "4095")
+
+
+def test_client_cpus_that_do_not_exist_fail_promptly() -> None:
+    with refusing_port() as port:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "netframe", "bench", "--target", f"127.0.0.1:{port}",
+                "--client-cpus", "4095", "--conns", "1", "--workers", "1", "--no-progress",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            _, stderr = proc.communicate(timeout=8)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    assert proc.returncode in (1, 2)
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+
+
+# -- 10: every reply checked byte for byte, pipelined and split ----------------------------
+
+
+def test_pipelined_greeting_checks_every_reply() -> None:
+    with line_server() as target:
+        result = bench(scenario="greeting", target=target, pipeline=4, duration_s=0.5)
+    assert_clean(result)
+    assert_window_bytes(result["bytes_out"], result["ops"], len(b"c0\n"), in_flight=8)
+    assert_window_bytes(result["bytes_in"], result["ops"], len(b"Hello, c0!\n"), in_flight=8)
+    assert_latency_ordered(result)
+
+
+def test_pipelined_wrong_replies_are_still_errors() -> None:
+    with line_server(HiHandler) as target:
+        result = bench(scenario="greeting", target=target, pipeline=4, duration_s=0.5)
+    assert result["ops"] == 0
+    assert result["errors"] == 2
+
+
+@pytest.mark.parametrize("pipeline", [1, 3])
+def test_raw_echo_of_large_messages_split_in_chunks(pipeline: int) -> None:
+    size = 100_000
+    with line_server("echo", framing="raw") as target:
+        result = bench(scenario="echo", target=target, size=size, pipeline=pipeline, duration_s=0.5)
+    assert_clean(result)
+    assert result["options"]["framing"] == "raw"
+    assert_window_bytes(result["bytes_in"], result["ops"], size, in_flight=2 * pipeline)
+    assert_window_bytes(result["bytes_out"], result["ops"], size, in_flight=2 * pipeline)
+
+
+# -- counters ------------------------------------------------------------------------------
+
+
+def test_byte_counters_cover_the_same_window_as_ops() -> None:
+    with line_server() as target:
+        result = bench(scenario="greeting", target=target, conns=1, duration_s=0.5, warmup_s=0.3)
+    ops = result["ops"]
+    assert ops > 0
+    # One request may be in flight at each edge of the window; the greeting comes once.
+    assert result["bytes_out"] <= (ops + 2) * len(b"c0\n")
+    assert result["bytes_in"] <= len(GREETING) + (ops + 2) * len(b"Hello, c0!\n")

@@ -1,0 +1,100 @@
+"""The docs tell the truth: their listings are the example files, and the examples run."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import CliServer
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "docs" / "examples"
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK = re.compile(r"```(\w*)\n(.*?)```", re.DOTALL)
+
+
+def code_blocks(path: Path) -> list[tuple[str, str]]:
+    return BLOCK.findall(path.read_text())
+
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_the_second() -> None:
+    blocks = [body.strip() for _, body in code_blocks(ROOT / "README.md")]
+    assert blocks[0] == 'pip install ".[uvloop]" && python -m netframe serve'
+    assert blocks[1] == 'pip install -e ".[test]" && python -m pytest'
+    assert blocks[1] in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_listed_example_files_match_the_files(doc: Path) -> None:
+    for _, body in code_blocks(doc):
+        first, _, rest = body.partition("\n")
+        if first.startswith("# docs/examples/"):
+            assert rest == (ROOT / first[2:]).read_text(), f"{doc.name}: {first} is stale"
+
+
+def test_embed_example_runs() -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "embed.py")],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    lines = done.stdout.splitlines()
+    assert re.fullmatch(r"listening on 127\.0\.0\.1:\d+", lines[0])
+    assert lines[1:] == [
+        "Send me text; bye ends.",
+        "2 words, 2 so far",
+        "3 words, 5 so far",
+        "5 words in all. Bye!",
+    ]
+
+
+@pytest.fixture
+def examples_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(EXAMPLES), *sys.path]))
+
+
+def client(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "netframe", "client", *args],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return done.stdout
+
+
+@pytest.mark.usefixtures("examples_on_path")
+def test_custom_handler_from_the_docs_over_tcp_and_udp(
+    cli_server: Callable[..., CliServer],
+) -> None:
+    server = cli_server(
+        "--handler", "wordcount:WordCount", "--framing", "line",
+        "--tcp", "127.0.0.1:0", "--udp", "127.0.0.1:0",
+    )  # fmt: skip
+    host, port = server.address("tcp")
+    tcp = client(f"{host}:{port}", "--framing", "line", "hello", "two words", "bye")
+    assert (
+        tcp
+        == "Send me text; bye ends.\n1 word, 1 so far\n2 words, 3 so far\n3 words in all. Bye!\n"
+    )
+    host, port = server.address("udp")
+    udp = client(f"{host}:{port}", "--udp", "--framing", "line", "hello", "two words", "bye")
+    assert udp == "1 word, 1 so far\n2 words, 3 so far\n3 words in all. Bye!\n"
+    again = client(f"{host}:{port}", "--udp", "--framing", "line", "hello")
+    assert again == "1 word, 4 so far\n"  # one handler serves the whole UDP listener
+
+
+@pytest.mark.usefixtures("examples_on_path")
+def test_async_handler_from_the_docs(cli_server: Callable[..., CliServer]) -> None:
+    server = cli_server(
+        "--handler", "lookup:PhoneLookup", "--framing", "line", "--tcp", "127.0.0.1:0"
+    )
+    with socket.create_connection(server.address("tcp"), timeout=10) as sock:
+        sock.sendall(b"alice\nnobody\nBob\n")
+        received = b""
+        while received.count(b"\n") < 3:
+            received += sock.recv(1024)
+    assert received == b"alice: 555-0100\nnobody: unknown\nBob: 555-0199\n"
