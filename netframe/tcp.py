@@ -19,9 +19,8 @@ not. Each logs one warning per connection, never one per message.
 from __future__ import annotations
 
 import asyncio
-import collections
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from typing import Any, Final, cast
 
 from netframe._endpoint import (
@@ -58,6 +57,7 @@ class TcpEndpoint(asyncio.Protocol):
         "_terminator",
         "_transport",
         "_undecodable",
+        "_waiting",
         "bytes_in",
         "bytes_out",
         "id",
@@ -80,8 +80,10 @@ class TcpEndpoint(asyncio.Protocol):
         self._eof = False
         self._pause_reasons = 0
         self._bare_timer: asyncio.TimerHandle | None = None
+        # The handler's async call in flight, the task awaiting it, and what waits behind.
+        self._waiting: Awaitable[None] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._pending: collections.deque[Message] | None = None
+        self._pending: list[Message] | None = None
         self._undecodable = 0
         self._started = 0.0
         # Bound on first use: a connection that logs nothing never pays for a logger.
@@ -108,7 +110,7 @@ class TcpEndpoint(asyncio.Protocol):
             self._handler.on_connect(self)
         except Exception:
             self._handler_failed("on_connect")
-        self._end_batch()
+        self._handle(())
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -124,7 +126,7 @@ class TcpEndpoint(asyncio.Protocol):
         # message are one now (the seeds' server answers a last word before the close).
         if self._framer.waiting_for_bare_flush and not self._closing:
             self._handle(self._framer.flush())
-        if self._task is not None and not self._closing:
+        if self._waiting is not None and not self._closing:
             self._eof = True
             return True  # keep the transport open until the async handler catches up
         return False
@@ -210,52 +212,49 @@ class TcpEndpoint(asyncio.Protocol):
 
     # -- the message path ---------------------------------------------------------------
 
-    def _handle(self, messages: list[Message]) -> None:
-        """Dispatch a batch of messages, then write their replies at once."""
-        self.messages_in += len(messages)
-        self._batch = []
-        call = self._call
-        for message in messages:
-            if self._closing:
-                break
-            if self._task is not None:
-                self._enqueue(message)
-            elif (result := call(message)) is not None:
-                self._task = asyncio.ensure_future(self._run_async(result))
+    def _handle(self, messages: Iterable[Message]) -> None:
+        """Hand messages to the handler in order, then write all their replies at once.
+
+        When ``on_message`` returns an awaitable, the messages after it wait in
+        ``_pending`` until the runner task has awaited it, so replies keep their order.
+        """
+        if self._batch is None:
+            self._batch = []
+        if self._waiting is not None:
+            self._queue(messages)
+        else:
+            ctx = self._ctx
+            handler = self._handler
+            on_message = handler.on_message
+            encoding = ctx.encoding if handler.text else None
+            rest = iter(messages)
+            for payload, self._terminator in rest:
+                if self._closing:
+                    break
+                self.messages_in += 1
+                if ctx.debug:
+                    self.log.debug("message_received", size=len(payload))
+                message: str | bytes = payload
+                if encoding is not None:
+                    try:
+                        message = payload.decode(encoding)
+                    except UnicodeDecodeError:
+                        self._refuse_undecodable()
+                        continue
+                try:
+                    result = on_message(self, message)
+                except Exception:
+                    self._handler_failed("on_message")
+                    break
+                if result is not None:
+                    self._waiting = result
+                    self._queue(rest)
+                    if self._task is None:
+                        self._task = asyncio.ensure_future(self._run_async())
+                    break
         framer = self._framer
         if (framer.overflow or framer.waiting_for_bare_flush) and not self._closing:
             self._framer_needs_attention()
-        self._end_batch()
-
-    def _framer_needs_attention(self) -> None:
-        if self._framer.overflow:
-            self._refuse_overlong_line()
-        else:
-            delay = self._ctx.config.bare_message_delay_s
-            self._bare_timer = asyncio.get_running_loop().call_later(delay, self._bare_flush)
-
-    def _call(self, message: Message) -> Awaitable[None] | None:
-        """Decode one message and hand it to the handler; return what ``on_message`` did."""
-        payload, self._terminator = message
-        ctx = self._ctx
-        if ctx.debug:
-            self.log.debug("message_received", size=len(payload))
-        handler = self._handler
-        decoded: str | bytes = payload
-        if handler.text:
-            try:
-                decoded = payload.decode(ctx.encoding)
-            except UnicodeDecodeError:
-                self._refuse_undecodable()
-                return None
-        try:
-            return handler.on_message(self, decoded)
-        except Exception:
-            self._handler_failed("on_message")
-            return None
-
-    def _end_batch(self) -> None:
-        """Write the batch's replies in one call; close if the batch asked to."""
         batch, self._batch = self._batch, None
         transport = self._transport
         if transport is None:
@@ -266,6 +265,13 @@ class TcpEndpoint(asyncio.Protocol):
             transport.write(data)
         if self._closing:
             transport.close()
+
+    def _framer_needs_attention(self) -> None:
+        if self._framer.overflow:
+            self._refuse_overlong_line()
+        else:
+            delay = self._ctx.config.bare_message_delay_s
+            self._bare_timer = asyncio.get_running_loop().call_later(delay, self._bare_flush)
 
     def _write(self, data: bytes) -> None:
         transport = self._transport
@@ -280,32 +286,29 @@ class TcpEndpoint(asyncio.Protocol):
 
     # -- async handlers -----------------------------------------------------------------
 
-    def _enqueue(self, message: Message) -> None:
+    def _queue(self, messages: Iterable[Message]) -> None:
         if self._pending is None:
-            self._pending = collections.deque()
-        self._pending.append(message)
+            self._pending = []
+        self._pending.extend(messages)
         if len(self._pending) >= self._ctx.config.max_pending_messages:
             self._pause_reading(_PAUSED_BY_QUEUE)
 
-    async def _run_async(self, first: Awaitable[None]) -> None:
-        """Finish ``first``, then this connection's queued messages, one at a time, in order."""
-        result: Awaitable[None] | None = first
+    async def _run_async(self) -> None:
+        """Await the handler's pending call, then hand over what queued behind it."""
         try:
-            while True:
-                if result is not None:
-                    await result
-                pending = self._pending
-                if self._closing or not pending:
+            while (waiting := self._waiting) is not None:
+                await waiting
+                self._waiting = None
+                if self._closing:
                     break
-                self._batch = []
-                result = self._call(pending.popleft())
-                self._end_batch()
-                if len(pending) < self._ctx.config.max_pending_messages // 2:
-                    self._resume_reading(_PAUSED_BY_QUEUE)
+                pending, self._pending = self._pending or [], None
+                self._resume_reading(_PAUSED_BY_QUEUE)
+                self._handle(pending)  # may start waiting again, and queue the rest
         except Exception:
             self._handler_failed("on_message")
         finally:
             self._task = None
+            self._waiting = None
         if self._eof and not self._closing:
             self.close()
 
