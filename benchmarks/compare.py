@@ -31,7 +31,7 @@ from typing import Any
 from report import write_report  # the Markdown and charts, beside this file
 
 from netframe.bench import BenchOptions, run_bench
-from netframe.bench._run import environment, free_port, spawned_server
+from netframe.bench._run import environment, free_port, netframe_serve_argv, spawned_server
 from netframe.config import Address
 
 HERE = Path(__file__).resolve().parent
@@ -43,10 +43,9 @@ Argv = Callable[[str, int], list[str]]  # (handler, port) -> command line
 
 def _netframe(loop: str) -> Argv:
     def argv(handler: str, port: int) -> list[str]:
-        framing = "raw" if handler == "echo" else "line"
-        return [sys.executable, "-m", "netframe", "serve", "--tcp", f"127.0.0.1:{port}",
-                "--udp", f"127.0.0.1:{port}", "--handler", handler, "--framing", framing,
-                "--loop", loop, "--log-level", "warning"]  # fmt: skip
+        scenario = "echo" if handler == "echo" else "greeting"
+        options = BenchOptions(scenario=scenario, spawn_args=("--loop", loop))
+        return netframe_serve_argv(options, port)
 
     return argv
 

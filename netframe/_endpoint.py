@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Final
 
-from netframe.config import Config
+from netframe.config import Address, Config
 from netframe.framing import Framer, make_framer
 from netframe.handlers import Handler
 
@@ -21,10 +21,7 @@ _connection_ids = itertools.count(1)
 
 def format_peer(peer: tuple[Any, ...]) -> str:
     """``("::1", 5000, 0, 0)`` -> ``"[::1]:5000"``; the form used in every log event."""
-    if len(peer) >= 2:
-        host, port = peer[0], peer[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(peer) if peer else "unknown"
+    return str(Address(str(peer[0]), peer[1])) if len(peer) >= 2 else "unknown"
 
 
 def error_reply(reason: str) -> bytes:

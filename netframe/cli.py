@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -33,6 +34,7 @@ __all__ = ["main"]
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
 DEFAULT_NAMES = ("Michael", "Tracy", "Sarah")
 
 
@@ -74,8 +76,8 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number greater than 0")
         return value
 
     parse.__name__ = kind.__name__
@@ -243,6 +245,11 @@ def _client(args: argparse.Namespace) -> int:
             runner.run(talk(args, names))
     except ClientError as exc:
         return _fail(str(exc), EXIT_FAILURE)
+    except UnicodeEncodeError as exc:
+        return _fail(f"cannot encode {exc.object[exc.start:exc.end]!r} as {args.encoding}",
+                     EXIT_USAGE)  # fmt: skip
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import ipaddress
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
@@ -200,7 +201,7 @@ class Config:
         _positive("bare_message_delay_s", self.bare_message_delay_s)
         _positive("write_buffer_high_bytes", self.write_buffer_high_bytes)
         _positive("max_pending_messages", self.max_pending_messages)
-        _positive("backlog", self.backlog)
+        _positive("backlog", self.backlog, upper=65535)
         _positive("shutdown_timeout_s", self.shutdown_timeout_s)
         if not 0 <= self.write_buffer_low_bytes <= self.write_buffer_high_bytes:
             raise ConfigError("write_buffer_low_bytes must be between 0 and the high mark")
@@ -216,6 +217,9 @@ def _choice(name: str, value: object, allowed: Sequence[object]) -> None:
         raise ConfigError(f"{name} must be one of {choices}, not {value!r}")
 
 
-def _positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+def _positive(name: str, value: float, upper: float = math.inf) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{name} must be a positive number, not {value!r}")
+    if not (0 < value <= upper and math.isfinite(value)):
+        limit = "" if upper == math.inf else f" up to {upper:g}"
+        raise ConfigError(f"{name} must be a positive finite number{limit}, not {value!r}")

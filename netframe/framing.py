@@ -118,10 +118,7 @@ class LineFramer:
         if self._buffer:
             data = self._buffer + data
         elif data.find(LF) == len(data) - 1 >= 0 and len(data) <= self.max_line_bytes:
-            # The common case: exactly one whole line, nothing buffered.
-            if data.endswith(b"\r\n"):
-                return [(data[:-2], CRLF)]
-            return [(data[:-1], LF)]
+            return [split_terminator(data)]  # the common case: one whole line, no buffer
         if LF not in data:
             self._buffer = data
             self._check_partial()

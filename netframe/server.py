@@ -20,7 +20,7 @@ from typing import Any
 
 from netframe._endpoint import EndpointContext
 from netframe.config import Address, Config
-from netframe.handlers import resolve_handler
+from netframe.handlers import HandlerError, resolve_handler
 from netframe.logs import configure_logging, get_logger
 from netframe.loops import loop_factory, resolve_loop_name
 from netframe.tcp import TcpEndpoint
@@ -73,7 +73,6 @@ class Server:
         self._ctx: EndpointContext | None = None
         self._tcp_servers: list[asyncio.Server] = []
         self._udp_transports: list[asyncio.DatagramTransport] = []
-        self._udp_endpoints: list[UdpEndpoint] = []
         self._addresses: list[BoundAddress] = []
         # Events bind to a loop on first wait (3.10+), so this may be made before one runs.
         self._stop_requested = asyncio.Event()
@@ -117,6 +116,7 @@ class Server:
                 await self._listen_udp(ctx, address)
         except BaseException:
             self._close_listeners()
+            self._addresses.clear()
             self._ctx = None
             raise
 
@@ -193,15 +193,18 @@ class Server:
     async def _listen_udp(self, ctx: EndpointContext, address: Address) -> None:
         loop = asyncio.get_running_loop()
         try:
-            transport, endpoint = await loop.create_datagram_endpoint(
-                lambda: UdpEndpoint(ctx), local_addr=(address.host, address.port)
+            handler = ctx.handler_factory()  # one per listener, made where errors are clear
+        except Exception as exc:
+            raise HandlerError(f"the handler factory failed: {exc!r}") from exc
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: UdpEndpoint(ctx, handler), local_addr=(address.host, address.port)
             )
         except OSError as exc:
             raise ListenError(
                 exc.errno, f"cannot listen on udp {address}: {_reason(exc)}"
             ) from None
         self._udp_transports.append(transport)
-        self._udp_endpoints.append(endpoint)
         self._bound("udp", transport.get_extra_info("socket"))
 
     def _bound(self, transport: str, sock: Any) -> None:

@@ -19,6 +19,7 @@ not. Each logs one warning per connection, never one per message.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Awaitable, Iterable
 from typing import Any, Final, cast
@@ -30,6 +31,7 @@ from netframe._endpoint import (
     format_peer,
 )
 from netframe.framing import LF, Message
+from netframe.handlers import Handler
 
 __all__ = ["TcpEndpoint"]
 
@@ -70,7 +72,7 @@ class TcpEndpoint(asyncio.Protocol):
     def __init__(self, ctx: EndpointContext) -> None:
         self._ctx = ctx
         self._framer = ctx.framer_factory()
-        self._handler = ctx.handler_factory()
+        self._handler: Handler | None = None  # made in connection_made, where errors are caught
         self._transport: asyncio.Transport | None = None
         # Replies made while a batch of input is handled; None outside a batch, when
         # sends write straight through (async handlers, after an await).
@@ -83,7 +85,7 @@ class TcpEndpoint(asyncio.Protocol):
         # The handler's async call in flight, the task awaiting it, and what waits behind.
         self._waiting: Awaitable[None] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._pending: list[Message] | None = None
+        self._pending: collections.deque[Message] | None = None
         self._undecodable = 0
         self._started = 0.0
         # Bound on first use: a connection that logs nothing never pays for a logger.
@@ -107,9 +109,12 @@ class TcpEndpoint(asyncio.Protocol):
             self.log.info("connection_opened")
         self._batch = []
         try:
+            # The user's factory runs here, not in the listener's protocol factory: an
+            # exception there would stop uvloop from accepting any further connection.
+            self._handler = ctx.handler_factory()
             self._handler.on_connect(self)
         except Exception:
-            self._handler_failed("on_connect")
+            self._handler_failed("handler_factory" if self._handler is None else "on_connect")
         self._handle(())
 
     def data_received(self, data: bytes) -> None:
@@ -142,7 +147,8 @@ class TcpEndpoint(asyncio.Protocol):
         if self._task is not None:
             self._task.cancel()
         try:
-            self._handler.on_disconnect(self)
+            if self._handler is not None:
+                self._handler.on_disconnect(self)
         except Exception:
             self._handler_failed("on_disconnect")
         if not ctx.info:
@@ -222,9 +228,8 @@ class TcpEndpoint(asyncio.Protocol):
             self._batch = []
         if self._waiting is not None:
             self._queue(messages)
-        else:
+        elif not self._closing and (handler := self._handler) is not None:
             ctx = self._ctx
-            handler = self._handler
             on_message = handler.on_message
             encoding = ctx.encoding if handler.text else None
             rest = iter(messages)
@@ -288,22 +293,26 @@ class TcpEndpoint(asyncio.Protocol):
 
     def _queue(self, messages: Iterable[Message]) -> None:
         if self._pending is None:
-            self._pending = []
+            self._pending = collections.deque()
         self._pending.extend(messages)
         if len(self._pending) >= self._ctx.config.max_pending_messages:
             self._pause_reading(_PAUSED_BY_QUEUE)
 
     async def _run_async(self) -> None:
-        """Await the handler's pending call, then hand over what queued behind it."""
+        """Await the handler's pending call, then hand over what queued behind it, one
+        message at a time, until the queue is empty or the handler awaits again."""
+        resume_below = self._ctx.config.max_pending_messages // 2
         try:
             while (waiting := self._waiting) is not None:
                 await waiting
                 self._waiting = None
+                pending = self._pending
+                while pending and self._waiting is None and not self._closing:
+                    self._handle((pending.popleft(),))
+                    if len(pending) <= resume_below:
+                        self._resume_reading(_PAUSED_BY_QUEUE)
                 if self._closing:
                     break
-                pending, self._pending = self._pending or [], None
-                self._resume_reading(_PAUSED_BY_QUEUE)
-                self._handle(pending)  # may start waiting again, and queue the rest
         except Exception:
             self._handler_failed("on_message")
         finally:

@@ -21,6 +21,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+from netframe._endpoint import format_peer
 from netframe.config import Config
 from netframe.handlers import Handler, Message, Transport
 from netframe.logs import get_logger
@@ -53,7 +54,7 @@ class MemoryConnection:
         self.transport: Transport = transport
         self.peer = peer
         self.id = 1 if transport == "tcp" else 0
-        self.log: Any = get_logger().bind(transport=transport, peer=str(peer), conn=self.id)
+        self.log: Any = get_logger().bind(transport=transport, peer=format_peer(peer), conn=self.id)
         self.encoding = encoding
         self.terminator = terminator
         #: Every reply so far, in order.

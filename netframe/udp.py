@@ -25,6 +25,7 @@ from netframe._endpoint import (
     format_peer,
 )
 from netframe.framing import split_terminator
+from netframe.handlers import Handler
 
 __all__ = ["UdpEndpoint"]
 
@@ -71,28 +72,24 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         "_tasks",
         "_transport",
         "ctx",
-        "datagrams_in",
-        "datagrams_out",
         "handler",
         "log",
     )
 
-    def __init__(self, ctx: EndpointContext) -> None:
+    def __init__(self, ctx: EndpointContext, handler: Handler) -> None:
         self.ctx = ctx
-        self.handler = ctx.handler_factory()
+        self.handler = handler
         self.log: Any = ctx.log.bind(transport="udp")
         self._transport: asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._dropped = 0
         self._last_drop_log = -_DROP_LOG_INTERVAL_S
-        self.datagrams_in = self.datagrams_out = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop transports implement the interface without subclassing it.
         self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        self.datagrams_in += 1
         ctx = self.ctx
         if ctx.strip_datagram_terminator:
             payload, terminator = split_terminator(data)
@@ -105,13 +102,15 @@ class UdpEndpoint(asyncio.DatagramProtocol):
             try:
                 message = payload.decode(ctx.encoding)
             except UnicodeDecodeError:
-                self._drop(UNDECODABLE_EVENT)
+                self._drop("datagrams_dropped", reason=UNDECODABLE_EVENT)
                 return
         peer = UdpPeer(self, addr, terminator)
         try:
             result = self.handler.on_message(peer, message)
         except Exception:
-            self.log.exception(HANDLER_ERROR_EVENT, hook="on_message", peer=format_peer(addr))
+            self._drop(
+                HANDLER_ERROR_EVENT, exc_info=True, hook="on_message", peer=format_peer(addr)
+            )
             return
         if result is not None:
             self._start_async(result, peer)
@@ -129,15 +128,13 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         """Send one datagram unless the listener is closing."""
         transport = self._transport
         if transport is not None and not transport.is_closing():
-            self.datagrams_out += 1
             transport.sendto(data, addr)
 
     def _start_async(self, awaitable: Awaitable[None], peer: UdpPeer) -> None:
         if len(self._tasks) >= self.ctx.config.max_pending_messages:
             # Datagrams are not queued: past the limit the newest is dropped, as the
             # network would drop it under load.
-            self._drop("async_handler_busy")
-            peer.close()
+            self._drop("datagrams_dropped", reason="async_handler_busy")
             if asyncio.iscoroutine(awaitable):
                 awaitable.close()
             return
@@ -149,11 +146,18 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         try:
             await awaitable
         except Exception:
-            self.log.exception(HANDLER_ERROR_EVENT, hook="on_message", peer=format_peer(peer.peer))
+            self._drop(HANDLER_ERROR_EVENT, exc_info=True, hook="on_message",
+                       peer=format_peer(peer.peer))  # fmt: skip
 
-    def _drop(self, reason: str) -> None:
+    def _drop(self, event: str, exc_info: bool = False, **fields: Any) -> None:
+        """Count a datagram that got no answer; log at most one line per interval.
+
+        Any sender, forged or not, can cause these, so a flood of them must not become
+        a flood of log lines (or of tracebacks, for handler errors).
+        """
         self._dropped += 1
         now = asyncio.get_running_loop().time()
         if now - self._last_drop_log >= _DROP_LOG_INTERVAL_S:
             self._last_drop_log = now
-            self.log.warning("datagrams_dropped", reason=reason, dropped_total=self._dropped)
+            log = self.log.exception if exc_info else self.log.warning
+            log(event, dropped_total=self._dropped, **fields)

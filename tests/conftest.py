@@ -119,3 +119,23 @@ def cli_server(loop_name: str) -> Iterator[Callable[..., CliServer]]:
     yield start
     for server in servers:
         server.kill()
+
+
+def run_netframe(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python -m netframe ARGS`` as a subprocess, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "netframe", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], code: int, text: str) -> None:
+    """The command failed with ``code`` and one stderr line containing ``text``."""
+    assert done.returncode == code, done
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert text in lines[0], lines[0]

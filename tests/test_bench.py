@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import structlog
+from conftest import assert_one_line_error, run_netframe
 
 from netframe.bench import BenchError, BenchOptions, run_bench
 from netframe.config import Address
@@ -159,24 +160,6 @@ def bench(**options: Any) -> dict[str, Any]:
     return result
 
 
-def netframe(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "netframe", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def assert_one_line_error(done: subprocess.CompletedProcess[str], code: int, text: str) -> None:
-    assert done.returncode == code, done
-    assert "Traceback" not in done.stderr, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert text in lines[0], lines[0]
-
-
 def assert_latency_ordered(result: dict[str, Any]) -> None:
     latency = result["latency_us"]
     values = [latency[key] for key in PERCENTILE_KEYS]
@@ -281,7 +264,7 @@ def test_echo_scenario_against_a_greeting_server_is_an_error() -> None:
 def test_the_cli_exits_1_when_replies_are_wrong(tmp_path: Path) -> None:
     out = tmp_path / "wrong.json"
     with line_server(HiHandler) as target:
-        done = netframe(
+        done = run_netframe(
             "bench", "--target", str(target), "--conns", "1", "--workers", "1",
             "--duration", "0.5", "--warmup", "0", "--no-progress", "--json", str(out),
         )  # fmt: skip
@@ -335,7 +318,7 @@ def test_udp_wrong_replies_are_errors() -> None:
 
 def test_cli_spawn_writes_json_and_a_plot(tmp_path: Path) -> None:
     json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
-    done = netframe(
+    done = run_netframe(
         "bench", "--spawn", "--scenario", "greeting", "--conns", "2", "--workers", "1",
         "--duration", "1", "--warmup", "0.2", "--no-progress",
         "--json", str(json_path), "--plot", str(png_path),
@@ -442,16 +425,18 @@ def test_open_loop_follows_its_schedule() -> None:
         (["--spawn", "--scenario", "udp", "--rate", "10"], "--rate applies to"),
         (["--target", "127.0.0.1:x"], "malformed address '127.0.0.1:x'"),
         (["--spawn", "--warmup", "-1"], "--warmup not negative"),
-        (["--spawn", "--conns", "0"], "must be greater than 0"),
+        (["--spawn", "--conns", "0"], "greater than 0"),
     ],
 )
 def test_bad_bench_command_lines_are_one_line_and_exit_2(args: list[str], text: str) -> None:
-    assert_one_line_error(netframe("bench", *args), 2, text)
+    assert_one_line_error(run_netframe("bench", *args), 2, text)
 
 
 def test_a_refused_target_is_one_line_and_exit_1() -> None:
     with refusing_port() as port:
-        done = netframe("bench", "--target", f"127.0.0.1:{port}", "--workers", "1", "--no-progress")
+        done = run_netframe(
+            "bench", "--target", f"127.0.0.1:{port}", "--workers", "1", "--no-progress"
+        )
     assert_one_line_error(done, 1, f"cannot connect to 127.0.0.1:{port}")
 
 
@@ -462,7 +447,7 @@ def test_run_bench_raises_bench_error_for_a_refused_target() -> None:
 
 def test_a_server_pid_that_does_not_exist_is_one_line() -> None:
     with line_server() as target:
-        done = netframe(
+        done = run_netframe(
             "bench", "--target", str(target), "--server-pid", "999999999", "--conns", "1",
             "--workers", "1", "--duration", "0.5", "--warmup", "0", "--no-progress",
         )  # fmt: skip
@@ -471,7 +456,7 @@ def test_a_server_pid_that_does_not_exist_is_one_line() -> None:
 
 
 def test_server_cpus_that_do_not_exist_are_one_line() -> None:
-    done = netframe(
+    done = run_netframe(
         "bench", "--spawn", "--server-cpus", "4095", "--conns", "1", "--workers", "1",
         "--duration", "0.5", "--warmup", "0", "--no-progress",
     )  # fmt: skip

@@ -12,28 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import CliServer
-
-
-def netframe(
-    *args: str, timeout_s: float = 30, **kwargs: object
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "netframe", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        stdin=subprocess.DEVNULL,
-        **kwargs,  # type: ignore[call-overload]
-    )
-
-
-def assert_one_line_error(done: subprocess.CompletedProcess[str], code: int, text: str) -> None:
-    assert done.returncode == code, done
-    assert "Traceback" not in done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert text in lines[0]
+from conftest import CliServer, assert_one_line_error, run_netframe
 
 
 @pytest.mark.parametrize(
@@ -48,7 +27,7 @@ def assert_one_line_error(done: subprocess.CompletedProcess[str], code: int, tex
         (["serve", "--framing", "lines"], "invalid choice: 'lines'"),
         (["serve", "--loop", "trio"], "invalid choice: 'trio'"),
         (["serve", "--encoding", "klingon"], "unknown encoding 'klingon'"),
-        (["serve", "--max-line-bytes", "0"], "must be greater than 0"),
+        (["serve", "--max-line-bytes", "0"], "greater than 0"),
         (["client", "localhost"], "malformed address"),
         (["client", "127.0.0.1:1", "--timeout", "x"], "is not a number"),
         (["nosuchcommand"], "invalid choice"),
@@ -56,7 +35,7 @@ def assert_one_line_error(done: subprocess.CompletedProcess[str], code: int, tex
     ],
 )
 def test_bad_command_lines_are_one_line_and_exit_2(args: list[str], text: str) -> None:
-    assert_one_line_error(netframe(*args), 2, text)
+    assert_one_line_error(run_netframe(*args), 2, text)
 
 
 def test_asking_for_uvloop_without_it_is_a_usage_error() -> None:
@@ -69,10 +48,31 @@ def test_asking_for_uvloop_without_it_is_a_usage_error() -> None:
     assert_one_line_error(done, 2, "uvloop is not installed")
 
 
+def test_serve_needs_none_of_the_bench_extras() -> None:
+    code = (
+        "import sys; sys.modules['numpy'] = sys.modules['psutil'] = None\n"
+        "from netframe.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))"
+    )
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-c", code, *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=30)
+
+    assert run("serve", "--help").returncode == 0
+    assert_one_line_error(run("bench", "--spawn"), 2, "pip install 'netframe[bench]'")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_non_finite_numbers_are_usage_errors(value: str) -> None:
+    done = run_netframe("serve", "--shutdown-timeout", value)
+    assert_one_line_error(done, 2, "finite number greater than 0")
+
+
 def test_address_in_use_names_it_and_fails(cli_server: Callable[..., CliServer]) -> None:
     server = cli_server("--tcp", "127.0.0.1:0")
     host, port = server.address("tcp")
-    done = netframe("serve", "--tcp", f"{host}:{port}", "--log-format", "json")
+    done = run_netframe("serve", "--tcp", f"{host}:{port}", "--log-format", "json")
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert f"cannot listen on tcp {host}:{port}" in done.stderr.strip().splitlines()[-1]
@@ -148,16 +148,16 @@ def test_console_log_format_is_readable_text() -> None:
 def test_client_command_runs_the_seeds_exchange(cli_server: Callable[..., CliServer]) -> None:
     server = cli_server("--tcp", "127.0.0.1:0", "--udp", "127.0.0.1:0")
     host, port = server.address("tcp")
-    done = netframe("client", f"{host}:{port}")
+    done = run_netframe("client", f"{host}:{port}")
     assert done.returncode == 0, done.stderr
     assert done.stdout == "Welcome!\nHello, Michael!\nHello, Tracy!\nHello, Sarah!\n"
     uhost, uport = server.address("udp")
-    done = netframe("client", f"{uhost}:{uport}", "--udp", "Ann")
+    done = run_netframe("client", f"{uhost}:{uport}", "--udp", "Ann")
     assert (done.returncode, done.stdout) == (0, "Hello, Ann!\n")
     assert server.wait_for("connection_closed")[0]["reason"] == "closed"
     line_server = cli_server("--tcp", "127.0.0.1:0", "--framing", "line")
     host, port = line_server.address("tcp")
-    done = netframe("client", f"{host}:{port}", "--framing", "line", "Ann", "Bo Li")
+    done = run_netframe("client", f"{host}:{port}", "--framing", "line", "Ann", "Bo Li")
     assert (done.returncode, done.stdout) == (0, "Welcome!\nHello, Ann!\nHello, Bo Li!\n")
 
 
@@ -165,11 +165,11 @@ def test_client_refused_and_timeout_are_one_line_errors() -> None:
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
-    assert_one_line_error(netframe("client", f"127.0.0.1:{port}"), 1, "cannot connect")
+    assert_one_line_error(run_netframe("client", f"127.0.0.1:{port}"), 1, "cannot connect")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
         silent.bind(("127.0.0.1", 0))
         port = silent.getsockname()[1]
-        done = netframe("client", f"127.0.0.1:{port}", "--udp", "--timeout", "0.3")
+        done = run_netframe("client", f"127.0.0.1:{port}", "--udp", "--timeout", "0.3")
     assert_one_line_error(done, 1, "no reply within 0.3 s")
 
 

@@ -69,6 +69,9 @@ def test_address_str_round_trips() -> None:
         ({"write_buffer_low_bytes": 10**9}, "write_buffer_low_bytes"),
         ({"tcp": [], "udp": []}, "no listeners"),
         ({"handler": 5}, "handler must be"),
+        ({"shutdown_timeout_s": float("nan")}, "finite"),
+        ({"bare_message_delay_s": float("inf")}, "finite"),
+        ({"backlog": 10**9}, "up to 65535"),
     ],
 )
 def test_invalid_settings_name_the_setting(changes: dict[str, object], message: str) -> None:

@@ -5,13 +5,9 @@ loopback sockets, and checks only what a client can see: the exact bytes that co
 whether the connection is still open, whether other clients are still served, and
 ``server.connections``.
 
-Choosing the event loop: pytest-asyncio 1.x deprecates overriding the
-``event_loop_policy`` fixture (it raises ``PytestDeprecationWarning``, an error under
-``filterwarnings = error``), and its replacement, the ``pytest_asyncio_loop_factories``
-hook, can only live in a conftest or plugin. So these tests are plain functions that run
-their scenario with :class:`asyncio.Runner` and a loop factory taken from the
-parametrized ``run`` fixture: no policies, no deprecated API, and each test gets a fresh
-loop of the requested kind.
+Each test is a plain function that runs its scenario with :class:`asyncio.Runner` on
+each loop in ``conftest.LOOPS`` (the parametrized ``run`` fixture), and also checks that
+nothing reached the loop's exception handler.
 """
 
 from __future__ import annotations
@@ -25,6 +21,7 @@ from typing import Any
 
 import pytest
 import uvloop
+from conftest import LOOPS
 
 from netframe import Server
 from netframe.testing import serving
@@ -39,10 +36,6 @@ SCENARIO_TIMEOUT = 9.0
 #: Generous bound for any single reply, connect or close on a busy machine.
 REPLY_TIMEOUT = 5.0
 
-LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
-}
 
 WELCOME = {"auto": b"Welcome!", "raw": b"Welcome!", "line": b"Welcome!\n"}
 
@@ -61,7 +54,7 @@ INVALID_UTF8 = [
 Scenario = Callable[[], Awaitable[None]]
 
 
-@pytest.fixture(params=sorted(LOOP_FACTORIES))
+@pytest.fixture(params=sorted(LOOPS))
 def run(request: pytest.FixtureRequest) -> Callable[[Scenario], None]:
     """Run an async scenario to completion on a fresh loop of the parametrized kind.
 
@@ -70,7 +63,7 @@ def run(request: pytest.FixtureRequest) -> Callable[[Scenario], None]:
     not make the server blow up in the background either.
     """
     name: str = request.param
-    factory = LOOP_FACTORIES[name]
+    factory = LOOPS[name]
 
     def run_scenario(scenario: Scenario) -> None:
         async def main() -> None:

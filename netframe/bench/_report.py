@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from netframe.bench._run import Progress
+from netframe.bench._options import Progress
 
 __all__ = ["MissingExtra", "live_progress", "plot", "summary_rows", "write_json"]
 

@@ -17,20 +17,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import psutil
 
 from netframe._version import __version__
+from netframe.bench._options import BenchError, BenchOptions, Progress
 from netframe.bench._worker import Job, raise_open_file_limit, worker_main
-from netframe.config import Address, Framing
+from netframe.config import Address
 from netframe.loops import resolve_loop_name
 
-__all__ = ["SCENARIOS", "BenchError", "BenchOptions", "run_bench", "spawned_server"]
+__all__ = ["run_bench", "spawned_server"]
 
-SCENARIOS = ("sessions", "greeting", "echo", "udp", "hold")
 # The handler and framing a spawned server runs for each scenario.
 _SCENARIO_SERVER = {
     "sessions": "greeting",
@@ -42,54 +42,6 @@ _SCENARIO_SERVER = {
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 _READY_TIMEOUT_S = 60.0
 _SETTLE_S = 1.0
-
-Progress = Callable[[str, float, float, int], None]  # phase, elapsed_s, total_s, ops
-
-
-class BenchError(RuntimeError):
-    """The benchmark could not run; the message says why in one line."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class BenchOptions:
-    """Every knob of a run; defaults are the command line's."""
-
-    scenario: str = "greeting"
-    target: Address | None = None
-    spawn_args: tuple[str, ...] | None = None  # extra `serve` flags; None: do not spawn
-    server_pid: int | None = None
-    conns: int = 50
-    duration_s: float = 10.0
-    warmup_s: float = 2.0
-    workers: int | None = None
-    pipeline: int = 1
-    size: int = 1024
-    framing: Framing | None = None
-    rate: float | None = None
-    udp_timeout_s: float = 0.5
-    client_cpus: tuple[int, ...] | None = None
-    server_cpus: tuple[int, ...] | None = None
-
-    @property
-    def effective_framing(self) -> Framing:
-        """The framing to speak: echo defaults to raw (any payload), the rest to line."""
-        return self.framing or ("raw" if self.scenario == "echo" else "line")
-
-    def check(self) -> None:
-        """Raise :class:`BenchError` when the options cannot make a valid run."""
-        if self.scenario not in SCENARIOS:
-            raise BenchError(f"unknown scenario {self.scenario!r}")
-        if (self.target is None) == (self.spawn_args is None):
-            raise BenchError("give exactly one of --target HOST:PORT and --spawn")
-        if self.conns < 1 or self.pipeline < 1 or self.size < 1:
-            raise BenchError("--conns, --pipeline and --size must be at least 1")
-        if self.duration_s <= 0 or self.warmup_s < 0:
-            raise BenchError("--duration must be positive and --warmup not negative")
-        bare = self.effective_framing == "raw" and self.scenario == "greeting"
-        if bare and self.pipeline > 1:
-            raise BenchError("raw framing has no message boundaries: use --pipeline 1")
-        if self.rate is not None and self.scenario not in ("greeting", "echo"):
-            raise BenchError("--rate applies to the greeting and echo scenarios")
 
 
 def default_workers(cpus: Sequence[int] | None) -> int:
@@ -215,7 +167,10 @@ def _measure(
         server = psutil.Process(pid) if pid else None
     except psutil.Error:
         raise BenchError(f"no process with id {pid} to measure") from None
-    rss_idle = server.memory_info().rss if server else None
+    try:
+        rss_idle = server.memory_info().rss if server else None
+    except psutil.Error:
+        raise BenchError(f"cannot read process {pid}: not running or not ours") from None
     jobs = _jobs(options, target)
     context = multiprocessing.get_context("spawn")
     counters = context.Array("q", len(jobs), lock=False)
@@ -227,6 +182,7 @@ def _measure(
         child.close()  # so a load process that dies shows as the end of its pipe
         pipes.append(parent)
         procs.append(proc)
+    finished = False
     try:
         ready = [_receive(pipe, "ready", _READY_TIMEOUT_S) for pipe in pipes]
         if options.scenario == "hold":
@@ -241,11 +197,18 @@ def _measure(
         cpu_end = _wait_and_read_cpu(server, window_end, start_ns, counters, options, progress)
         rss_end = server.memory_info().rss if server else None
         results = [_receive(pipe, "result", 60.0) for pipe in pipes]
+        finished = True
+    except psutil.Error:
+        raise BenchError("the server process exited during the run") from None
     finally:
         for proc in procs:
+            if not finished:  # the others wait for a start that will not come
+                proc.kill()
             proc.join(5)
             if proc.is_alive():
                 proc.kill()
+        for pipe in pipes:
+            pipe.close()
     figures = _combine(options, results)
     figures["server"] = {
         "pid": pid,

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-from netframe.bench._report import MissingExtra, live_progress, plot, print_summary, write_json
-from netframe.bench._run import SCENARIOS, BenchError, BenchOptions, run_bench
+from netframe.bench._options import SCENARIOS, BenchError, BenchOptions
 from netframe.config import FRAMINGS
 
 __all__ = ["add_bench_parser"]
@@ -31,7 +31,7 @@ def add_bench_parser(commands: Any, address: Any, positive_int: Any, positive_fl
         "bench",
         help="load-test a server",
         description="Load-test a server at --target, or one it starts itself with --spawn "
-        "(flags after --spawn-args go to that server's `serve`).",
+        "(--spawn-args gives that server's extra `serve` flags as one string).",
     )
     where = bench.add_mutually_exclusive_group(required=True)
     where.add_argument("--target", type=address, metavar="HOST:PORT")
@@ -110,7 +110,7 @@ def _bench(args: argparse.Namespace) -> int:
     options = BenchOptions(
         scenario=args.scenario,
         target=args.target,
-        spawn_args=tuple(args.spawn_args.split()) if args.spawn else None,
+        spawn_args=tuple(shlex.split(args.spawn_args)) if args.spawn else None,
         server_pid=args.server_pid,
         conns=args.conns,
         duration_s=args.duration_s,
@@ -128,6 +128,19 @@ def _bench(args: argparse.Namespace) -> int:
         options.check()
     except BenchError as exc:
         print(f"netframe: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        from netframe.bench._report import (
+            MissingExtra,
+            live_progress,
+            plot,
+            print_summary,
+            write_json,
+        )
+        from netframe.bench._run import run_bench
+    except ImportError as exc:
+        print(f"netframe: error: bench needs {exc.name}: pip install 'netframe[bench]'",
+              file=sys.stderr)  # fmt: skip
         return 2
     try:
         with live_progress(not args.no_progress and sys.stderr.isatty()) as progress:
