@@ -40,6 +40,8 @@ class EndpointContext:
     connections: set[Any] = dataclasses.field(default_factory=set)
     # Set by a stopping server; the last connection to close sets it.
     all_closed: asyncio.Event | None = None
+    # True once the server stops: a connection accepted in that instant closes at once.
+    stopping: bool = False
     framer_factory: Callable[[], Framer] = dataclasses.field(init=False)
     encoding: str = dataclasses.field(init=False)
     # Per-message debug events are built only when debug is on: the hot path pays one

@@ -110,21 +110,28 @@ class LineFramer:
         self.max_line_bytes = max_line_bytes
         self.overflow = False
         self.waiting_for_bare_flush = False
-        self._buffer = NONE
+        # A partial line, as a bytearray so that a line arriving a byte at a time costs
+        # linear, not quadratic, copying; the shared empty bytes when there is none.
+        self._buffer: bytes | bytearray = NONE
 
     def feed(self, data: bytes) -> list[Message]:
         if self.overflow:
             return []
         if self._buffer:
-            data = self._buffer + data
+            if LF not in data:  # only the new bytes are searched
+                self._buffer += data
+                self._check_partial()
+                return []
+            data = bytes(self._buffer) + data
         elif data.find(LF) == len(data) - 1 >= 0 and len(data) <= self.max_line_bytes:
             return [split_terminator(data)]  # the common case: one whole line, no buffer
-        if LF not in data:
-            self._buffer = data
+        elif LF not in data:
+            self._buffer = bytearray(data) if data else NONE
             self._check_partial()
             return []
         lines = data.split(LF)
-        self._buffer = lines.pop()
+        rest = lines.pop()
+        self._buffer = bytearray(rest) if rest else NONE
         limit = self.max_line_bytes
         messages: list[Message] = []
         for line in lines:
@@ -186,7 +193,7 @@ class AutoFramer(LineFramer):
     def flush(self) -> list[Message]:
         if not self.waiting_for_bare_flush:
             return []
-        message, self._buffer = self._buffer, NONE
+        message, self._buffer = bytes(self._buffer), NONE
         self._state = _BARE
         self.waiting_for_bare_flush = False
         return [(message, NONE)]

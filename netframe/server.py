@@ -146,6 +146,7 @@ class Server:
         servers = list(self._tcp_servers)
         self._close_listeners()
         ctx = self._ctx
+        ctx.stopping = True
         open_at_stop = len(ctx.connections)
         if ctx.connections:
             ctx.all_closed = asyncio.Event()
@@ -157,7 +158,9 @@ class Server:
         for conn in list(ctx.connections):
             conn.abort()
         for server in servers:
-            await server.wait_closed()
+            # On 3.12+ this also waits for connections; ours are all closed by now.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), self.config.shutdown_timeout_s)
         self._log.info("stopped", connections_closed=open_at_stop, connections_aborted=aborted)
 
     async def __aenter__(self) -> Server:

@@ -101,6 +101,10 @@ class TcpEndpoint(asyncio.Protocol):
         # uvloop transports implement the interface without subclassing it.
         self._transport = transport = cast(asyncio.Transport, transport)
         self._started = time.monotonic()
+        if ctx.stopping:
+            self._closing = True
+            transport.close()
+            return
         transport.set_write_buffer_limits(
             high=ctx.config.write_buffer_high_bytes, low=ctx.config.write_buffer_low_bytes
         )
