@@ -174,7 +174,7 @@ def main() -> int:
     parser.add_argument("--hold-conns", type=int, default=10_000)
     parser.add_argument("--hold-duration", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    parser.add_argument("--json", type=Path, default=ROOT / "bench-results" / "compare.json")
+    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "benchmarks" / "compare.json")
     parser.add_argument("--quick", action="store_true",
                         help="one round of 2 s, 2,000 held connections: a smoke run")  # fmt: skip
     args = parser.parse_args()

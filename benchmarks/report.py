@@ -154,6 +154,7 @@ def write_report(document: dict[str, Any], out: Path) -> None:
         "the operations completed, the figure that holds when client and server share a "
         "small machine.",
         "",
+        "Every raw figure of this run is in [benchmarks/compare.json](benchmarks/compare.json). "
         "How much to trust a ratio: the streams baselines answer UDP with the very same "
         "`DatagramProtocol` as the raw ones, so their udp rows show this machine's "
         "run-to-run noise; the min-max ranges say the same. Differences of a few percent "
@@ -186,7 +187,7 @@ def write_report(document: dict[str, Any], out: Path) -> None:
 
 
 def main() -> int:
-    source = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("bench-results/compare.json")
+    source = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("docs/benchmarks/compare.json")
     out = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("docs/benchmarks.md")
     write_report(json.loads(source.read_text()), out)
     return 0
