@@ -1,6 +1,6 @@
 """Turning a comparison run (compare.py's JSON) into docs/benchmarks.md and its charts.
 
-python benchmarks/report.py bench-results/compare.json   # redraw without re-running
+python benchmarks/report.py   # redraw docs/benchmarks.md from docs/benchmarks/compare.json
 """
 
 from __future__ import annotations
