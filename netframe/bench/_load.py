@@ -137,6 +137,9 @@ class StreamLoad(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         target, pos = self._target, self._pos
+        if not pos and data == target and not self._in_greeting:
+            self._complete(1)  # the usual case: exactly one whole reply
+            return
         size = len(target)
         completed = 0
         view = memoryview(data)
@@ -171,10 +174,13 @@ class StreamLoad(asyncio.Protocol):
         size_in, size_out = len(self.reply), len(self.request)
         for _ in range(n):
             tally.done(now, now - inflight.popleft(), size_in, size_out)
-        if not tally.in_window():
+        if now >= tally.end_ns:
             return
         if self.open_loop:
             self._send_due()
+        elif n == 1:
+            inflight.append(now)
+            self.transport.write(self.request)
         else:
             self._send(n, now)
 
