@@ -12,8 +12,16 @@ from typing import Any, Final
 from netframe.config import Address, Config
 from netframe.framing import Framer, make_framer
 from netframe.handlers import Handler
+from netframe.limits import DeadlineWheel, EventSummary
 
-__all__ = ["EndpointContext", "error_reply", "format_peer"]
+__all__ = ["TICK_S", "EndpointContext", "error_reply", "format_peer", "normalise_host"]
+
+#: How often the server advances its coarse clock and looks at due deadlines. Timeouts
+#: fire up to two ticks late, never early; the hot path reads the clock as an attribute.
+TICK_S: Final = 0.1
+#: Repeated warnings (refused connections, dropped datagrams) are summarised at most this
+#: often per kind, so a flood cannot become a flood of log lines.
+SUMMARY_INTERVAL_S: Final = 1.0
 
 # Connection ids are unique within the process, across listeners, for log correlation.
 _connection_ids = itertools.count(1)
@@ -22,6 +30,11 @@ _connection_ids = itertools.count(1)
 def format_peer(peer: tuple[Any, ...]) -> str:
     """``("::1", 5000, 0, 0)`` -> ``"[::1]:5000"``; the form used in every log event."""
     return str(Address(str(peer[0]), peer[1])) if len(peer) >= 2 else "unknown"
+
+
+def normalise_host(host: str) -> str:
+    """``"::ffff:10.0.0.1"`` -> ``"10.0.0.1"``: one client, one key, whichever socket family."""
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
 
 
 def error_reply(reason: str) -> bytes:
@@ -38,10 +51,24 @@ class EndpointContext:
     log: Any
     # Live TCP endpoints, for graceful shutdown and stats.
     connections: set[Any] = dataclasses.field(default_factory=set)
+    # Open TCP connections per client address, kept only when max_per_ip is set.
+    per_ip: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Most TCP connections at once; the server resolves "auto" when it starts.
+    max_connections: int = 2**31
+    # The coarse clock (loop time), advanced every TICK_S by the server.
+    now: float = 0.0
+    # Connections waiting for their next deadline check.
+    wheel: DeadlineWheel[Any] = dataclasses.field(default_factory=lambda: DeadlineWheel(TICK_S))
+    # async on_disconnect calls still running; a stopping server waits for them.
+    background: set[asyncio.Task[None]] = dataclasses.field(default_factory=set)
     # Set by a stopping server; the last connection to close sets it.
     all_closed: asyncio.Event | None = None
-    # True once the server stops: a connection accepted in that instant closes at once.
+    # True once the server stops: a connection accepted in that instant closes at once,
+    # and connections that finish their message close.
     stopping: bool = False
+    summary: EventSummary = dataclasses.field(
+        default_factory=lambda: EventSummary(SUMMARY_INTERVAL_S)
+    )
     framer_factory: Callable[[], Framer] = dataclasses.field(init=False)
     encoding: str = dataclasses.field(init=False)
     # Per-message debug events are built only when debug is on: the hot path pays one
@@ -67,10 +94,22 @@ class EndpointContext:
         self.debug = floor <= logging.DEBUG and bool(enabled(logging.DEBUG))
         self.info = floor <= logging.INFO and bool(enabled(logging.INFO))
         self.undecodable_reply = error_reply(f"message is not valid {config.encoding}")
-        self.line_limit_reply = error_reply(f"line exceeds {config.max_line_bytes} bytes")
+        self.line_limit_reply = error_reply(f"line exceeds {config.max_line_bytes} bytes\n")
         self.next_id = _connection_ids.__next__
         self.strip_datagram_terminator = config.framing != "raw"
 
+    def refused(self, reason: str, count: int = 1) -> None:
+        """Count connections refused for ``reason``; log a summary at most once a second."""
+        total = self.summary.add(reason, self.now, count)
+        if total is not None:
+            self.log.warning(REFUSED_EVENT, reason=reason, refused=total)
 
+    def flush_summaries(self) -> None:
+        """Log the refusal counts still waiting whose interval has passed (each tick)."""
+        for reason, total in self.summary.flush(self.now):
+            self.log.warning(REFUSED_EVENT, reason=reason, refused=total)
+
+
+REFUSED_EVENT: Final = "connections_refused"
 UNDECODABLE_EVENT: Final = "undecodable_message"
 HANDLER_ERROR_EVENT: Final = "handler_error"

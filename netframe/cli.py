@@ -18,15 +18,16 @@ from netframe._version import __version__
 from netframe.client import ClientError, TcpClient, UdpClient
 from netframe.config import (
     FRAMINGS,
-    LOG_FORMATS,
-    LOG_LEVELS,
     LOOPS,
     Address,
     Config,
     ConfigError,
+    Setting,
+    default_text,
     parse_address,
+    settings,
 )
-from netframe.handlers import BUILTIN_HANDLERS, HandlerError
+from netframe.handlers import HandlerError
 from netframe.loops import LoopUnavailable, loop_factory
 from netframe.server import ListenError, run
 
@@ -84,6 +85,36 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
     return parse
 
 
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`Config` setting, made from the setting's own definition."""
+    for name, setting in settings().items():
+        repeatable = setting.kind in ("addresses", "ports")
+        parser.add_argument(
+            setting.flag,
+            dest=name,
+            type=_from_text(setting),
+            action="append" if repeatable else "store",
+            default=None if repeatable else getattr(_DEFAULTS, name),
+            choices=setting.choices or None,
+            metavar=setting.metavar,
+            help=f"{setting.help} (default: {default_text(name)})",
+        )
+
+
+def _from_text(setting: Setting) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return setting.parse(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = setting.kind  # argparse names it in "invalid <name> value"
+    return parse
+
+
+_DEFAULTS = Config()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = _Parser(prog="netframe", description="Fast TCP and UDP servers on asyncio.")
@@ -96,75 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a server. With no --tcp or --udp it listens on both at "
         "127.0.0.1:9999; giving either replaces that default set.",
     )
-    defaults = Config()
-    serve.add_argument(
-        "--tcp",
-        action="append",
-        type=_address,
-        metavar="HOST:PORT",
-        help="listen on TCP here (repeatable; [::1]:9999 for IPv6; port 0 picks a free port)",
-    )
-    serve.add_argument(
-        "--udp",
-        action="append",
-        type=_address,
-        metavar="HOST:PORT",
-        help="listen on UDP here (repeatable)",
-    )
-    serve.add_argument(
-        "--handler",
-        default=defaults.handler,
-        help=f"{', '.join(BUILTIN_HANDLERS)}, or module:attribute (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--framing",
-        choices=FRAMINGS,
-        default=defaults.framing,
-        help="how the TCP stream is cut into messages (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--loop",
-        choices=LOOPS,
-        default=defaults.loop,
-        help="event loop; auto uses uvloop when installed (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--encoding",
-        default=defaults.encoding,
-        help="text encoding of messages (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--log-format",
-        choices=LOG_FORMATS,
-        default=defaults.log_format,
-        help="log lines on stderr as console text or JSON (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--log-level",
-        choices=LOG_LEVELS,
-        default=defaults.log_level,
-        type=str.lower,
-        help="lowest level logged (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--max-line-bytes",
-        type=_positive(int),
-        default=defaults.max_line_bytes,
-        help="longest line accepted in line and auto framing (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--backlog",
-        type=_positive(int),
-        default=defaults.backlog,
-        help="pending-connection queue per TCP listener (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--shutdown-timeout",
-        type=_positive(float),
-        dest="shutdown_timeout_s",
-        default=defaults.shutdown_timeout_s,
-        help="seconds a stop waits for replies to drain (default: %(default)s)",
-    )
+    add_setting_flags(serve)
     serve.set_defaults(func=_serve)
 
     client = commands.add_parser(
@@ -212,20 +175,10 @@ def _fail(message: str, status: int) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        config = Config(
-            tcp=args.tcp,
-            udp=args.udp,
-            handler=args.handler,
-            framing=args.framing,
-            loop=args.loop,
-            encoding=args.encoding,
-            log_format=args.log_format,
-            log_level=args.log_level,
-            max_line_bytes=args.max_line_bytes,
-            backlog=args.backlog,
-            shutdown_timeout_s=args.shutdown_timeout_s,
-        )
-        return run(config)
+        values = {name: getattr(args, name) for name in settings()}
+        if values["udp_allow_ports"] is None:  # an append flag never given
+            del values["udp_allow_ports"]
+        return run(Config(**values))
     except (ConfigError, HandlerError, LoopUnavailable) as exc:
         return _fail(str(exc), EXIT_USAGE)
     except ListenError as exc:

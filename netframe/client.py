@@ -31,7 +31,9 @@ class _Receiver(asyncio.Protocol):
     """Collects framed replies and wakes whoever waits for the next one."""
 
     def __init__(self, framing: Framing) -> None:
-        self.framer = LineFramer(_MAX_REPLY_BYTES) if framing == "line" else RawFramer()
+        self.framer = (
+            LineFramer(_MAX_REPLY_BYTES) if framing == "line" else RawFramer(_MAX_REPLY_BYTES)
+        )
         self.transport: asyncio.Transport | None = None
         self.replies: collections.deque[bytes] = collections.deque()
         self.waiter: asyncio.Future[None] | None = None

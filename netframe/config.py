@@ -29,7 +29,10 @@ __all__ = [
     "HandlerSpec",
     "LogFormat",
     "LoopName",
+    "Setting",
     "parse_address",
+    "settings",
+    "settings_markdown",
 ]
 
 Framing: TypeAlias = Literal["auto", "line", "raw"]
@@ -122,54 +125,292 @@ def _addresses(value: Sequence[str | Address] | None) -> tuple[Address, ...]:
     return tuple(a if isinstance(a, Address) else parse_address(a) for a in value)
 
 
+Kind: TypeAlias = Literal[
+    "addresses",
+    "ports",
+    "text",
+    "choice",
+    "count",
+    "count0",
+    "auto_count",
+    "seconds",
+    "seconds0",
+]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Setting:
+    """How one :class:`Config` field is set from text, checked and documented.
+
+    Every setting is defined once, as a field of :class:`Config` carrying one of these:
+    the command line's flags, the validation and the documentation table are all made
+    from it, so adding a setting means adding one field.
+    """
+
+    #: The command-line flag, e.g. ``--idle-timeout``.
+    flag: str
+    #: One line for ``--help`` and the documentation.
+    help: str
+    #: Why the default is what it is (shown in the documentation, beside the default).
+    why: str
+    #: What values are allowed: ``count`` (whole number >= 1), ``count0`` (>= 0, 0 = off),
+    #: ``seconds`` (> 0), ``seconds0`` (>= 0, 0 = off), ``auto_count`` (``auto`` or a
+    #: count), ``choice``, ``text``, ``addresses`` and ``ports`` (repeatable).
+    kind: Kind
+    choices: tuple[str, ...] = ()
+    metavar: str | None = None
+    #: Largest value allowed, for counts.
+    upper: float = math.inf
+
+    def parse(self, text: str) -> Any:
+        """Turn one textual value (a flag's argument) into the field's value.
+
+        Raises:
+            ConfigError: a one-line reason naming the value and what was expected.
+        """
+        kind = self.kind
+        if kind == "addresses":
+            return parse_address(text)
+        if kind == "ports":
+            return _whole(text, 1, 65535)
+        if kind in ("count", "count0"):
+            return _whole(text, 1 if kind == "count" else 0, self.upper)
+        if kind == "auto_count":
+            return None if text.strip().lower() == "auto" else _whole(text, 1, self.upper)
+        if kind in ("seconds", "seconds0"):
+            return _seconds(text, allow_zero=kind == "seconds0")
+        if kind == "choice" and text.lower() in self.choices:
+            return text.lower()
+        if kind == "choice":
+            raise ConfigError(f"{text!r} is not one of {', '.join(self.choices)}")
+        return text
+
+    def check(self, name: str, value: Any) -> None:
+        """Check a value given in code (not text) against the same rules.
+
+        Raises:
+            ConfigError: naming the field and the rule.
+        """
+        kind = self.kind
+        if kind == "choice":
+            _choice(name, value, self.choices)
+        elif kind in ("count", "count0") or (kind == "auto_count" and value is not None):
+            lowest = 0 if kind == "count0" else 1
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be a whole number, not {value!r}")
+            if not lowest <= value <= self.upper:
+                top = "" if self.upper == math.inf else f" and at most {self.upper:g}"
+                raise ConfigError(f"{name} must be at least {lowest}{top}, not {value!r}")
+        elif kind in ("seconds", "seconds0"):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{name} must be a number of seconds, not {value!r}")
+            if not math.isfinite(value) or value < 0 or (value == 0 and kind == "seconds"):
+                least = "0 (off) or more" if kind == "seconds0" else "more than 0"
+                raise ConfigError(f"{name} must be {least} seconds, not {value!r}")
+        elif kind == "ports":
+            for port in value:
+                if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                    raise ConfigError(f"{name} must hold ports from 1 to 65535, not {port!r}")
+
+
+def _whole(text: str, lowest: int, upper: float) -> int:
+    try:
+        value = int(text.strip().replace("_", ""))
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a whole number") from None
+    if value < lowest:
+        raise ConfigError(f"{text!r} must be at least {lowest}")
+    if value > upper:
+        raise ConfigError(f"{text!r} must be at most {upper:g}")
+    return value
+
+
+def _seconds(text: str, *, allow_zero: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        least = "0 (off) or more" if allow_zero else "more than 0"
+        raise ConfigError(f"{text!r} must be {least} seconds")
+    return value
+
+
+def _setting(default: Any, flag: str, help: str, why: str, kind: Kind, **more: Any) -> Any:
+    """A dataclass field carrying its :class:`Setting` (the one definition of a setting)."""
+    meta = {"setting": Setting(flag, help, why, kind, **more)}
+    if isinstance(default, list | tuple):
+        return dataclasses.field(default=tuple(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """Everything a server needs to know, validated once when it is built.
 
     Listeners: when neither ``tcp`` nor ``udp`` is given, the server listens on both at
-    127.0.0.1:9999 as the seeds do; giving either replaces that default set, so
-    ``Config(tcp=["[::1]:0"])`` listens on TCP only. Addresses may be strings
+    127.0.0.1:9999 as the tutorial's server does; giving either replaces that default
+    set, so ``Config(tcp=["[::1]:0"])`` listens on TCP only. Addresses may be strings
     (``"127.0.0.1:9999"``, ``"[::1]:0"``) or :class:`Address` objects.
+
+    Each field is one setting; :func:`settings` lists them with their flags and the
+    reasons for their defaults (``docs/operations.md`` shows the same table).
 
     Raises:
         ConfigError: on any malformed or out-of-range value, naming the setting.
     """
 
-    tcp: Sequence[str | Address] | None = None
-    udp: Sequence[str | Address] | None = None
-    handler: HandlerSpec = "greeting"
-    framing: Framing = "auto"
-    loop: LoopName = "auto"
-    encoding: str = "utf-8"
-    log_format: LogFormat = "console"
-    log_level: str = "info"
+    tcp: Sequence[str | Address] | None = _setting(
+        None, "--tcp",
+        "listen on TCP here (repeatable; [::1]:9999 for IPv6; port 0 picks a free port)",
+        "the tutorial's server listens on 127.0.0.1:9999; loopback until you choose otherwise",
+        "addresses", metavar="HOST:PORT",
+    )  # fmt: skip
+    udp: Sequence[str | Address] | None = _setting(
+        None, "--udp", "listen on UDP here (repeatable)",
+        "the same address as TCP, as in the tutorial", "addresses", metavar="HOST:PORT",
+    )  # fmt: skip
+    handler: HandlerSpec = _setting(
+        "greeting", "--handler", "greeting, echo, or module:attribute",
+        "the tutorial's exchange", "text",
+    )  # fmt: skip
+    framing: Framing = _setting(
+        "auto", "--framing", "how the TCP stream is cut into messages",
+        "serves both the tutorial's bare-word clients and line clients", "choice",
+        choices=FRAMINGS,
+    )  # fmt: skip
+    loop: LoopName = _setting(
+        "auto", "--loop", "event loop; auto uses uvloop when installed",
+        "uvloop is the faster loop; asyncio is always there", "choice", choices=LOOPS,
+    )  # fmt: skip
+    encoding: str = _setting(
+        "utf-8", "--encoding", "text encoding of messages", "what the tutorial uses", "text",
+    )  # fmt: skip
+    log_format: LogFormat = _setting(
+        "console", "--log-format", "log lines on stderr as console text or one JSON object each",
+        "readable in a terminal; choose json for a log collector", "choice",
+        choices=LOG_FORMATS,
+    )  # fmt: skip
+    log_level: str = _setting(
+        "info", "--log-level", "lowest level logged",
+        "one line when a connection opens and one when it closes", "choice",
+        choices=LOG_LEVELS,
+    )  # fmt: skip
 
-    # A line longer than this is refused: without a cap, one client that never sends a
-    # newline could make the server buffer without bound. 64 KiB is far above any
-    # human-typed line and small enough that 10,000 such buffers fit in under 1 GiB.
-    max_line_bytes: int = 65536
-
-    # How long `auto` framing waits for a newline before it treats unterminated bytes as
-    # one bare message (the seeds' clients send bare words). A line split across two
-    # reads arrives well within this on any real network; a bare-word client pays it
-    # once, on its first message, after which the connection is known to be bare.
-    bare_message_delay_s: float = 0.05
-
-    # Write-buffer marks: above `high`, the server stops reading from that client until
-    # its pending replies drain below `low`. This is what keeps a client that sends but
-    # never reads from growing the server's memory without bound.
-    write_buffer_high_bytes: int = 256 * 1024
-    write_buffer_low_bytes: int = 64 * 1024
-
-    # Connections the kernel may hold for us before accept(). The seeds' 5 drops
-    # connections under any burst; the kernel caps this at net.core.somaxconn anyway.
-    backlog: int = 1024
-
-    # Messages queued for an async handler before reading from that client pauses.
-    max_pending_messages: int = 64
-
-    # How long a graceful stop waits for replies to drain before closing connections hard.
-    shutdown_timeout_s: float = 5.0
+    max_line_bytes: int = _setting(
+        65536, "--max-line-bytes",
+        "longest message in line and auto framing, and largest raw chunk, in bytes",
+        "without a cap one client that never sends a newline grows the server without bound. "
+        "nginx reads request lines into 8 KiB buffers and HAProxy into 16 KiB; 64 KiB is far "
+        "above any typed line and 10,000 full buffers still fit in under 1 GiB",
+        "count", metavar="BYTES",
+    )  # fmt: skip
+    bare_message_delay_s: float = _setting(
+        0.05, "--bare-message-delay",
+        "seconds auto framing waits for a newline before a first message counts as bare",
+        "a line split across two reads arrives well within 50 ms on any real network; a "
+        "bare-word client pays it once, on its first message",
+        "seconds", metavar="SECONDS",
+    )  # fmt: skip
+    idle_timeout_s: float = _setting(
+        300.0, "--idle-timeout",
+        "close a connection with no traffic either way for this many seconds (0: never)",
+        "a silent client holds a descriptor and memory forever otherwise. nginx keeps idle "
+        "keep-alive connections 75 s and its stream proxy 10 min, uvicorn 5 s, Envoy's TCP "
+        "proxy 1 h; connections here are long-lived sessions, so 5 min",
+        "seconds0", metavar="SECONDS",
+    )  # fmt: skip
+    message_timeout_s: float = _setting(
+        30.0, "--message-timeout",
+        "a message whose first byte has arrived must be complete within this many seconds "
+        "(0: no limit)",
+        "stops slowloris clients that trickle a byte at a time to stay under the idle "
+        "timeout. nginx allows 60 s for a request's header, HAProxy's documentation "
+        "suggests 10 s for a whole request; a typed line needs no more than 30 s",
+        "seconds0", metavar="SECONDS",
+    )  # fmt: skip
+    max_connections: int | None = _setting(
+        None, "--max-connections",
+        "most TCP connections open at once; auto: what the open-file limit allows",
+        "past the open-file limit accept() fails and the server can no longer even say "
+        "no. HAProxy also derives its maxconn from the limit; auto is the soft limit "
+        "less the descriptors open at start and a reserve",
+        "auto_count", metavar="N|auto",
+    )  # fmt: skip
+    max_per_ip: int = _setting(
+        0, "--max-per-ip",
+        "most TCP connections open at once from one client address (0: no limit)",
+        "off, as nginx's limit_conn is: many users can share one address behind NAT",
+        "count0", metavar="N",
+    )  # fmt: skip
+    write_buffer_high_bytes: int = _setting(
+        256 * 1024, "--write-buffer",
+        "bytes of unsent replies at which the server stops reading from that client",
+        "bounds what a client that sends but never reads can make the server hold; 256 KiB "
+        "is what a fast reader never reaches (asyncio's own default is 64 KiB)",
+        "count", metavar="BYTES",
+    )  # fmt: skip
+    write_buffer_low_bytes: int = _setting(
+        64 * 1024, "--write-buffer-low",
+        "bytes of unsent replies below which reading resumes",
+        "a quarter of the high mark, so reading does not flap on and off", "count0",
+        metavar="BYTES",
+    )  # fmt: skip
+    send_timeout_s: float = _setting(
+        30.0, "--send-timeout",
+        "abort a connection whose client has not read for this many seconds while replies "
+        "wait (0: never)",
+        "a client that never reads would otherwise hold its buffers until the idle "
+        "timeout; nginx's send_timeout is 60 s, HAProxy closes at its client timeout",
+        "seconds0", metavar="SECONDS",
+    )  # fmt: skip
+    backlog: int = _setting(
+        1024, "--backlog", "connections the kernel queues per TCP listener before accept",
+        "the tutorial's 5 drops connections under any burst; the kernel caps it at "
+        "net.core.somaxconn anyway", "count", metavar="N", upper=65535,
+    )  # fmt: skip
+    max_pending_messages: int = _setting(
+        64, "--max-pending-messages",
+        "messages queued behind an async handler before reading from that client pauses",
+        "keeps a pipelining client from queueing without bound behind a slow lookup",
+        "count", metavar="N",
+    )  # fmt: skip
+    shutdown_timeout_s: float = _setting(
+        10.0, "--shutdown-timeout",
+        "seconds a graceful stop lets connections finish their message before aborting them",
+        "long enough to finish a message and flush replies, well inside the 30 s Kubernetes "
+        "and 90 s systemd wait before SIGKILL; gunicorn's default is 30 s",
+        "seconds", metavar="SECONDS",
+    )  # fmt: skip
+    udp_max_datagram_bytes: int = _setting(
+        1472, "--udp-max-datagram",
+        "largest UDP datagram answered, and largest reply sent, in bytes",
+        "1500-byte Ethernet less the IPv4 and UDP headers: nothing larger travels "
+        "unfragmented, and fragments are a classic attack tool. DNS chose 1,232 for the "
+        "same reason", "count", metavar="BYTES", upper=65507,
+    )  # fmt: skip
+    udp_rate: int = _setting(
+        100, "--udp-rate",
+        "datagrams answered per second per source address, with a burst of as many "
+        "(0: no limit)",
+        "a UDP source address can be forged: the limit keeps the server from being aimed "
+        "at a victim or at another server, as DNS response-rate limiting does; a person "
+        "or a well-behaved client stays far below 100 a second",
+        "count0", metavar="N",
+    )  # fmt: skip
+    udp_rate_sources: int = _setting(
+        16384, "--udp-rate-sources",
+        "source addresses the UDP rate limit remembers at once",
+        "bounds the limiter's memory (about 200 bytes a source, 3 MiB in all) however many "
+        "addresses a flood forges", "count", metavar="N",
+    )  # fmt: skip
+    udp_allow_ports: tuple[int, ...] = _setting(
+        (), "--udp-allow-port",
+        "answer UDP datagrams from this source port below 1024 too (repeatable)",
+        "ports below 1024 are services (DNS 53, NTP 123): a datagram from one is forged to "
+        "aim our reply at that service, so none is answered unless allowed", "ports",
+        metavar="PORT",
+    )  # fmt: skip
 
     # The listen addresses, parsed from `tcp` and `udp` with the default set applied.
     tcp_addresses: tuple[Address, ...] = dataclasses.field(init=False)
@@ -186,29 +427,67 @@ class Config:
         object.__setattr__(self, "udp_addresses", udp)
         if not self.tcp_addresses and not self.udp_addresses:
             raise ConfigError("no listeners: give at least one tcp or udp address")
-        _choice("framing", self.framing, FRAMINGS)
-        _choice("loop", self.loop, LOOPS)
-        _choice("log_format", self.log_format, LOG_FORMATS)
         object.__setattr__(self, "log_level", str(self.log_level).lower())
-        _choice("log_level", self.log_level, LOG_LEVELS)
+        object.__setattr__(self, "udp_allow_ports", tuple(self.udp_allow_ports))
+        for name, setting in _SETTINGS.items():
+            setting.check(name, getattr(self, name))
         try:
             codecs.lookup(self.encoding)
         except (LookupError, TypeError):
             raise ConfigError(f"unknown encoding {self.encoding!r}") from None
         if not (isinstance(self.handler, str) or callable(self.handler)):
             raise ConfigError(f"handler must be a name or a callable, not {self.handler!r}")
-        _positive("max_line_bytes", self.max_line_bytes)
-        _positive("bare_message_delay_s", self.bare_message_delay_s)
-        _positive("write_buffer_high_bytes", self.write_buffer_high_bytes)
-        _positive("max_pending_messages", self.max_pending_messages)
-        _positive("backlog", self.backlog, upper=65535)
-        _positive("shutdown_timeout_s", self.shutdown_timeout_s)
-        if not 0 <= self.write_buffer_low_bytes <= self.write_buffer_high_bytes:
-            raise ConfigError("write_buffer_low_bytes must be between 0 and the high mark")
+        if self.write_buffer_low_bytes > self.write_buffer_high_bytes:
+            raise ConfigError("write_buffer_low_bytes must not be above write_buffer_high_bytes")
 
     def replace(self, **changes: Any) -> Config:
         """Return a copy with ``changes`` applied and validated again."""
         return dataclasses.replace(self, **changes)
+
+
+#: Every setting, by field name, in the order :class:`Config` defines them.
+_SETTINGS: dict[str, Setting] = {
+    field.name: field.metadata["setting"]
+    for field in dataclasses.fields(Config)
+    if "setting" in field.metadata
+}
+
+
+def settings() -> dict[str, Setting]:
+    """Every :class:`Config` setting by field name, in definition order."""
+    return dict(_SETTINGS)
+
+
+def default_text(name: str) -> str:
+    """A setting's default as the command line would write it (``auto``, ``off``, ...)."""
+    setting = _SETTINGS[name]
+    value = _DEFAULTS[name]
+    if value is None:
+        return "auto" if setting.kind == "auto_count" else "127.0.0.1:9999 (TCP and UDP)"
+    if value == () or (value == 0 and setting.kind in ("count0", "seconds0")):
+        return "off" if value == 0 else "none"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+_DEFAULTS: dict[str, Any] = {
+    field.name: field.default for field in dataclasses.fields(Config) if field.name in _SETTINGS
+}
+
+
+def settings_markdown() -> str:
+    """The table of settings that ``docs/operations.md`` shows (kept equal by a test)."""
+    rows = [
+        "| setting | flag | default | what it does | why this default |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, setting in _SETTINGS.items():
+        flag = setting.flag + (f" {setting.metavar}" if setting.metavar else "")
+        rows.append(
+            f"| `{name}` | `{flag}` | {default_text(name)} | {setting.help} | {setting.why} |"
+        )
+    return "\n".join(rows) + "\n"
 
 
 def _choice(name: str, value: object, allowed: Sequence[object]) -> None:
@@ -217,9 +496,5 @@ def _choice(name: str, value: object, allowed: Sequence[object]) -> None:
         raise ConfigError(f"{name} must be one of {choices}, not {value!r}")
 
 
-def _positive(name: str, value: float, upper: float = math.inf) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{name} must be a positive number, not {value!r}")
-    if not (0 < value <= upper and math.isfinite(value)):
-        limit = "" if upper == math.inf else f" up to {upper:g}"
-        raise ConfigError(f"{name} must be a positive finite number{limit}, not {value!r}")
+if __name__ == "__main__":
+    print(settings_markdown(), end="")

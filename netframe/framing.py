@@ -12,7 +12,8 @@ The modes:
 
 ``raw``
     Every received chunk is one message, exactly as the seeds' threaded server treats
-    each ``recv()``.
+    each ``recv()`` of at most 1,024 bytes; a chunk longer than the limit is cut into
+    pieces of the limit.
 ``line``
     Strict newline framing. Lines split across reads are reassembled; ``\\r\\n`` and
     ``\\n`` both end a line. A line longer than ``max_line_bytes`` overflows the framer.
@@ -59,8 +60,15 @@ class Framer(Protocol):
 
     #: The terminator for messages sent before the peer said anything (the greeting).
     greeting_terminator: bytes
-    #: True once a line exceeded the limit; the framer then yields nothing more.
+    #: True once a message exceeded the limit; the framer then yields nothing more, and
+    #: the messages returned with the call that set it are the last ones.
     overflow: bool
+
+    @property
+    def partial(self) -> bytes | bytearray:
+        """The unfinished message held so far (empty when the stream is at a boundary):
+        the endpoint times a message that has started against its deadline."""
+        ...
 
     def feed(self, data: bytes) -> list[Message]:
         """Take the next chunk of the stream and return the messages it completes."""
@@ -84,17 +92,28 @@ def split_terminator(payload: bytes) -> Message:
 
 
 class RawFramer:
-    """Every chunk is one message, with no terminator."""
+    """Every chunk is one message, with no terminator; a longer chunk is cut into pieces
+    of ``max_bytes``.
 
-    __slots__ = ("overflow", "waiting_for_bare_flush")
+    Raw framing has no message boundaries of its own (how bytes are grouped into reads is
+    up to the network and the loop's read size), so nothing in it can be "overlong":
+    the cap bounds what one message hands the handler, and never refuses a client.
+    """
+
+    __slots__ = ("max_bytes", "overflow", "waiting_for_bare_flush")
     greeting_terminator = NONE
+    partial = NONE
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
         self.overflow = False
         self.waiting_for_bare_flush = False
 
     def feed(self, data: bytes) -> list[Message]:
-        return [(data, NONE)]
+        size = self.max_bytes
+        if len(data) <= size:
+            return [(data, NONE)]
+        return [(data[i : i + size], NONE) for i in range(0, len(data), size)]
 
     def flush(self) -> list[Message]:
         return []
@@ -103,7 +122,7 @@ class RawFramer:
 class LineFramer:
     """Newline-delimited messages of at most ``max_line_bytes`` bytes each."""
 
-    __slots__ = ("_buffer", "max_line_bytes", "overflow", "waiting_for_bare_flush")
+    __slots__ = ("max_line_bytes", "overflow", "partial", "waiting_for_bare_flush")
     greeting_terminator = LF
 
     def __init__(self, max_line_bytes: int) -> None:
@@ -112,26 +131,26 @@ class LineFramer:
         self.waiting_for_bare_flush = False
         # A partial line, as a bytearray so that a line arriving a byte at a time costs
         # linear, not quadratic, copying; the shared empty bytes when there is none.
-        self._buffer: bytes | bytearray = NONE
+        self.partial: bytes | bytearray = NONE
 
     def feed(self, data: bytes) -> list[Message]:
         if self.overflow:
             return []
-        if self._buffer:
+        if self.partial:
             if LF not in data:  # only the new bytes are searched
-                self._buffer += data
+                self.partial += data
                 self._check_partial()
                 return []
-            data = bytes(self._buffer) + data
+            data = bytes(self.partial) + data
         elif data.find(LF) == len(data) - 1 >= 0 and len(data) <= self.max_line_bytes:
             return [split_terminator(data)]  # the common case: one whole line, no buffer
         elif LF not in data:
-            self._buffer = bytearray(data) if data else NONE
+            self.partial = bytearray(data) if data else NONE
             self._check_partial()
             return []
         lines = data.split(LF)
         rest = lines.pop()
-        self._buffer = bytearray(rest) if rest else NONE
+        self.partial = bytearray(rest) if rest else NONE
         limit = self.max_line_bytes
         messages: list[Message] = []
         for line in lines:
@@ -150,14 +169,14 @@ class LineFramer:
         return []
 
     def _check_partial(self) -> None:
-        excess = len(self._buffer) - self.max_line_bytes
+        excess = len(self.partial) - self.max_line_bytes
         # One byte over is allowed only if it is the "\r" of a "\r\n" still in flight.
-        if excess > 1 or (excess == 1 and not self._buffer.endswith(b"\r")):
+        if excess > 1 or (excess == 1 and not self.partial.endswith(b"\r")):
             self._overflowed()
 
     def _overflowed(self) -> None:
         self.overflow = True
-        self._buffer = NONE
+        self.partial = NONE
 
 
 _UNDECIDED: Final = 0
@@ -187,13 +206,13 @@ class AutoFramer(LineFramer):
         if state == _BARE:
             return [(data, NONE)]
         messages = super().feed(data)  # undecided: hold the bytes, within the line limit
-        self.waiting_for_bare_flush = bool(self._buffer)
+        self.waiting_for_bare_flush = bool(self.partial)
         return messages
 
     def flush(self) -> list[Message]:
         if not self.waiting_for_bare_flush:
             return []
-        message, self._buffer = bytes(self._buffer), NONE
+        message, self.partial = bytes(self.partial), NONE
         self._state = _BARE
         self.waiting_for_bare_flush = False
         return [(message, NONE)]
@@ -202,6 +221,6 @@ class AutoFramer(LineFramer):
 def make_framer(framing: Framing, max_line_bytes: int) -> Callable[[], Framer]:
     """Return a factory of fresh framers for one mode (one framer per connection)."""
     if framing == "raw":
-        return RawFramer
+        return lambda: RawFramer(max_line_bytes)
     cls = AutoFramer if framing == "auto" else LineFramer
     return lambda: cls(max_line_bytes)

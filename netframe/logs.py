@@ -4,24 +4,149 @@ netframe logs through ``structlog.get_logger("netframe")`` and binds one logger 
 connection. :func:`configure_logging` is called by the command line and by
 :func:`netframe.run`; an application that embeds :class:`netframe.Server` keeps its
 own structlog configuration.
+
+Logging must never stop the server. Rendered lines go into a bounded queue that a
+thread of their own writes out, so a log reader that stalls (a full pipe) or vanishes
+(``netframe serve 2>&1 | head -1``) costs the event loop nothing: lines that do not fit
+or cannot be written are dropped, counted, and reported in one ``log_lines_dropped``
+event once writing works again. Python's own ``asyncio`` logger (where both loops report
+errors such as ``accept()`` running out of descriptors) is routed through the same
+renderer, at most one line a second per kind of message, so nothing bypasses the
+configured format.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import sys
-from typing import Any, TextIO
+import threading
+import time
+from typing import Any, Final, TextIO
 
 import structlog
 
 from netframe.config import LogFormat
 
-__all__ = ["configure_logging", "get_logger"]
+__all__ = ["LineWriter", "configure_logging", "flush_logs", "get_logger"]
+
+#: Lines waiting for the writer thread before new ones are dropped: about 2-3 MiB of text,
+#: some seconds of a busy server's output, so a reader that pauses briefly loses nothing.
+MAX_QUEUED_LINES: Final = 10_000
+#: Lines joined into one write.
+_BATCH_LINES: Final = 512
+#: Stdlib records of one kind (the same message template) logged at most this often.
+STDLIB_LOG_INTERVAL_S: Final = 1.0
 
 
 def get_logger() -> Any:
     """The framework's logger; bind per-connection context onto it."""
     return structlog.get_logger("netframe")
+
+
+class LineWriter:
+    """A structlog logger that queues rendered lines for a writer thread.
+
+    Every log method only appends to a bounded deque (thread-safe, no lock held while
+    writing), so the caller never waits on the stream. The thread writes queued lines in
+    batches; a batch that fails (closed pipe, closed file) is dropped and counted, as are
+    lines that arrive while the queue is full. After the next successful write,
+    ``on_recovered(count)`` is called once with the number dropped since the last report.
+    """
+
+    def __init__(self, stream: TextIO, max_lines: int = MAX_QUEUED_LINES) -> None:
+        self._stream = stream
+        self._max_lines = max_lines
+        self._lines: collections.deque[str] = collections.deque()
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._stopped = False
+        # Counted on two threads, so in two counters: each is written by one thread only.
+        self._dropped_full = 0  # event-loop side: the queue was full
+        self._dropped_failed = 0  # writer side: the write failed
+        self._reported = 0
+        self.on_recovered: Any = None
+        self._thread = threading.Thread(target=self._run, name="netframe-log", daemon=True)
+        self._thread.start()
+
+    @property
+    def dropped(self) -> int:
+        """Lines dropped so far, full queue and failed writes together."""
+        return self._dropped_full + self._dropped_failed
+
+    def msg(self, message: str) -> None:
+        """Queue one rendered line (never blocks)."""
+        if len(self._lines) >= self._max_lines:
+            self._dropped_full += 1
+            return
+        self._idle.clear()
+        self._lines.append(message)
+        if not self._wake.is_set():
+            self._wake.set()
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
+    failure = msg
+
+    def flush(self, timeout_s: float = 2.0) -> bool:
+        """Wait up to ``timeout_s`` for queued lines to be written; True when they were."""
+        return self._idle.wait(timeout_s)
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Write what is queued (within ``timeout_s``) and end the thread."""
+        self.flush(timeout_s)
+        self._stopped = True
+        self._wake.set()
+
+    def _run(self) -> None:
+        lines = self._lines
+        while not self._stopped:
+            self._wake.wait()
+            self._wake.clear()
+            while lines:
+                count = min(len(lines), _BATCH_LINES)
+                batch = [lines.popleft() for _ in range(count)]
+                try:
+                    self._stream.write("\n".join(batch) + "\n")
+                    self._stream.flush()
+                except (OSError, ValueError):  # a closed pipe or file: drop, keep going
+                    self._dropped_failed += count
+                    continue
+                dropped = self.dropped - self._reported
+                if dropped and self.on_recovered is not None:
+                    self._reported += dropped
+                    self.on_recovered(dropped)
+            if not lines:
+                self._idle.set()
+
+
+class _StdlibToStructlog(logging.Handler):
+    """Sends stdlib records (``asyncio``'s) through structlog, one line a second per kind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[tuple[str, object], float] = {}
+        self._suppressed: collections.Counter[tuple[str, object]] = collections.Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        key = (record.name, record.msg)
+        now = time.monotonic()
+        if now - self._last.get(key, -STDLIB_LOG_INTERVAL_S) < STDLIB_LOG_INTERVAL_S:
+            self._suppressed[key] += 1
+            return
+        if len(self._last) > 1000:  # message templates are few; this only bounds the dict
+            self._last.clear()
+        self._last[key] = now
+        fields: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}
+        if suppressed := self._suppressed.pop(key, 0):
+            fields["suppressed"] = suppressed
+        if record.exc_info:
+            fields["exc_info"] = record.exc_info
+        get_logger().log(record.levelno, f"{record.name}_log", **fields)
+
+
+_writer: LineWriter | None = None
+_stdlib_handler = _StdlibToStructlog()
 
 
 def configure_logging(
@@ -30,8 +155,11 @@ def configure_logging(
     """Send netframe's events to ``stream`` (stderr) as console text or one JSON per line.
 
     Events below ``level`` cost one method call that does nothing: the bound logger is
-    a filtering one, cached on first use.
+    a filtering one, cached on first use. Lines are written by a thread (see
+    :class:`LineWriter`); :func:`flush_logs` waits for them. Python's ``asyncio`` logger
+    is routed through the same format.
     """
+    global _writer
     processors: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -44,12 +172,32 @@ def configure_logging(
         )
         processors += [tracebacks, structlog.processors.JSONRenderer()]
     else:
-        processors.append(structlog.dev.ConsoleRenderer(colors=False))
+        # The plain formatter: with rich installed, the default one prints every local
+        # variable of every frame, message contents included.
+        processors.append(
+            structlog.dev.ConsoleRenderer(
+                colors=False, exception_formatter=structlog.dev.plain_traceback
+            )
+        )
+    if _writer is not None:
+        _writer.stop()
+    writer = _writer = LineWriter(stream or sys.stderr)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.WriteLoggerFactory(stream or sys.stderr),
+        logger_factory=lambda *_: writer,
         cache_logger_on_first_use=True,
     )
+    writer.on_recovered = lambda dropped: get_logger().warning("log_lines_dropped", dropped=dropped)
+    asyncio_logger = logging.getLogger("asyncio")
+    asyncio_logger.propagate = False
+    if _stdlib_handler not in asyncio_logger.handlers:
+        asyncio_logger.addHandler(_stdlib_handler)
+
+
+def flush_logs(timeout_s: float = 2.0) -> None:
+    """Wait up to ``timeout_s`` for queued log lines to be written (before exiting)."""
+    if _writer is not None:
+        _writer.flush(timeout_s)

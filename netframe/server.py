@@ -5,8 +5,18 @@ none: if one fails, those already bound are closed and :class:`ListenError` name
 address), and :meth:`Server.serve_forever` waits until :meth:`Server.stop` is called.
 ``async with Server(...)`` does both halves of the lifecycle for you.
 
-Stopping has a sequence and a deadline: stop listening, close every connection once its
-queued replies are written, wait up to ``shutdown_timeout_s``, then abort what is left.
+Stopping has a sequence and a deadline: stop listening at once, close the connections
+that are between messages, let those in the middle of one (a partial line, an async
+handler call) finish it and get their replies, wait up to ``shutdown_timeout_s``, then
+abort what is left.
+
+TCP listening sockets are made here rather than by ``loop.create_server``: on the
+standard loop they are :class:`_GuardedListener` objects, whose ``accept`` turns the
+"out of descriptors" errors into a refused connection instead of asyncio's retry loop
+(which, up to at least Python 3.13, keeps calling ``accept`` after the first failure and
+logs each one: a busy spin that writes a traceback per attempt). uvloop's accept has
+libuv's own answer to it; on both loops the connection cap, derived from the open-file
+limit, keeps connections from running the process out of descriptors in the first place.
 """
 
 from __future__ import annotations
@@ -14,14 +24,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
+import os
 import signal
+import socket
+import sys
+import time
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
-from netframe._endpoint import EndpointContext
+from netframe._endpoint import TICK_S, EndpointContext
 from netframe.config import Address, Config
 from netframe.handlers import HandlerError, resolve_handler
-from netframe.logs import configure_logging, get_logger
+from netframe.limits import connection_budget
+from netframe.logs import configure_logging, flush_logs, get_logger
 from netframe.loops import loop_factory, resolve_loop_name
 from netframe.tcp import TcpEndpoint
 from netframe.udp import UdpEndpoint
@@ -71,9 +87,13 @@ class Server:
         self._handler_factory = resolve_handler(config.handler)
         self._log = get_logger()
         self._ctx: EndpointContext | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._tcp_servers: list[asyncio.Server] = []
         self._udp_transports: list[asyncio.DatagramTransport] = []
+        self._udp_endpoints: list[UdpEndpoint] = []
         self._addresses: list[BoundAddress] = []
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._ticks = 0
         # Events bind to a loop on first wait (3.10+), so this may be made before one runs.
         self._stop_requested = asyncio.Event()
         self._stopped = False
@@ -99,6 +119,13 @@ class Server:
         """How many TCP connections are open now."""
         return len(self._ctx.connections) if self._ctx else 0
 
+    @property
+    def max_connections(self) -> int:
+        """The connection cap in force (``auto`` resolved when the server started)."""
+        if self._ctx is None:
+            raise LookupError("the server is not started")
+        return self._ctx.max_connections
+
     async def start(self) -> None:
         """Bind every listener and start accepting.
 
@@ -108,7 +135,9 @@ class Server:
         """
         if self._ctx is not None:
             raise RuntimeError("server already started")
+        loop = self._loop = asyncio.get_running_loop()
         ctx = self._ctx = EndpointContext(self.config, self._handler_factory, self._log)
+        ctx.now = loop.time()
         try:
             for address in self.config.tcp_addresses:
                 await self._listen_tcp(ctx, address)
@@ -119,6 +148,8 @@ class Server:
             self._addresses.clear()
             self._ctx = None
             raise
+        ctx.max_connections = self._connection_cap()
+        self._tick_handle = loop.call_later(TICK_S, self._tick)
 
     async def serve_forever(self) -> None:
         """Serve until :meth:`stop` is called, then shut down gracefully. Starts if needed."""
@@ -130,38 +161,85 @@ class Server:
             await self.close()
 
     def stop(self) -> None:
-        """Ask :meth:`serve_forever` to return. Safe to call from a signal handler."""
-        self._stop_requested.set()
+        """Ask :meth:`serve_forever` to return and the server to shut down gracefully.
+
+        Safe to call from any thread and from a signal handler (``signal.signal`` or
+        ``loop.add_signal_handler``): it wakes the server's loop, which acts at once.
+        """
+        loop = self._loop
+        if loop is None:
+            self._stop_requested.set()
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nothing to stop
+            loop.call_soon_threadsafe(self._stop_requested.set)
 
     async def close(self) -> None:
-        """Stop listening, let connections finish their writes, then close them.
+        """Shut down gracefully: stop listening, let connections finish, then close them.
 
-        Connections still open after ``shutdown_timeout_s`` are aborted. Calling it
-        again does nothing.
+        Listeners close at once. Connections between messages are closed (after their
+        queued replies are written); a connection in the middle of a message (a partial
+        line, an async handler call, queued messages) finishes it, gets its replies and
+        is closed then. Whatever is still open after ``shutdown_timeout_s`` is aborted.
+        Logs ``shutdown_started`` and ``shutdown_finished`` with counts. Calling it again
+        does nothing.
         """
         if self._stopped or self._ctx is None:
             return
         self._stopped = True
-        self.stop()
-        servers = list(self._tcp_servers)
-        self._close_listeners()
+        self._stop_requested.set()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        deadline = began + self.config.shutdown_timeout_s
         ctx = self._ctx
         ctx.stopping = True
-        open_at_stop = len(ctx.connections)
+        servers = list(self._tcp_servers)
+        self._close_listeners()
+        # A connection accepted in the last instant reaches connection_made within an
+        # iteration or two, and closes there because the server is stopping.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        at_stop = list(ctx.connections)
+        idle = sum(conn.shut_down() for conn in at_stop)
+        self._log.info(
+            "shutdown_started",
+            connections=len(at_stop),
+            idle_closed=idle,
+            draining=len(at_stop) - idle,
+        )
         if ctx.connections:
             ctx.all_closed = asyncio.Event()
-            for conn in list(ctx.connections):
-                conn.close()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ctx.all_closed.wait(), self.config.shutdown_timeout_s)
+                await asyncio.wait_for(ctx.all_closed.wait(), deadline - loop.time())
         aborted = len(ctx.connections)
         for conn in list(ctx.connections):
             conn.abort()
+        await asyncio.sleep(0)  # let the aborted connections' connection_lost run
+        if ctx.background:  # async on_disconnect hooks, within what is left of the grace
+            _, late = await asyncio.wait(ctx.background, timeout=max(0, deadline - loop.time()))
+            for task in late:
+                task.cancel()
         for server in servers:
             # On 3.12+ this also waits for connections; ours are all closed by now.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(server.wait_closed(), self.config.shutdown_timeout_s)
-        self._log.info("stopped", connections_closed=open_at_stop, connections_aborted=aborted)
+                await asyncio.wait_for(server.wait_closed(), max(0.1, deadline - loop.time()))
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        self._tick()  # log the refusal and drop counts still waiting
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        self._log.info(
+            "shutdown_finished",
+            closed=len(at_stop) - aborted,
+            aborted=aborted,
+            duration_s=round(loop.time() - began, 3),
+        )
+
+    def abort(self) -> None:
+        """Close every listener and abort every connection now, dropping unsent data."""
+        self._close_listeners()
+        if self._ctx is not None:
+            for conn in list(self._ctx.connections):
+                conn.abort()
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -175,23 +253,66 @@ class Server:
     ) -> None:
         await self.close()
 
+    def _tick(self) -> None:
+        """Advance the coarse clock, act on due deadlines, log summaries (every TICK_S)."""
+        ctx, loop = self._ctx, self._loop
+        if ctx is None or loop is None:
+            return
+        ctx.now = now = loop.time()
+        for conn in ctx.wheel.due(now):
+            try:
+                conn.check_deadlines(now)
+            except Exception:  # a bug here must not stop every other deadline
+                self._log.exception("deadline_check_failed")
+        ctx.flush_summaries()
+        self._ticks += 1
+        for endpoint in self._udp_endpoints:
+            endpoint.flush_summaries()
+            if self._ticks % 10 == 0:
+                endpoint.prune()
+        if not self._stopped:
+            self._tick_handle = loop.call_later(TICK_S, self._tick)
+
+    def _connection_cap(self) -> int:
+        """``max_connections`` as it can be honoured under the open-file limit."""
+        wanted = self.config.max_connections
+        limits = _open_file_limits()
+        if limits is None:
+            return wanted or 2**31
+        soft, hard = limits
+        budget = connection_budget(soft, _descriptors_in_use())
+        if wanted is None or wanted <= budget:
+            return wanted or budget
+        # Asked for more than the soft limit allows: raise it, as far as the hard limit
+        # lets us (nginx's worker_rlimit_nofile does the same by hand).
+        raised = _raise_open_file_limit(soft + wanted - budget, hard)
+        budget = connection_budget(raised, _descriptors_in_use())
+        if wanted <= budget:
+            return wanted
+        self._log.warning(
+            "max_connections_capped", requested=wanted, max_connections=budget,
+            open_file_limit=raised,
+        )  # fmt: skip
+        return budget
+
     async def _listen_tcp(self, ctx: EndpointContext, address: Address) -> None:
         loop = asyncio.get_running_loop()
+        # The standard loop's accept path needs the guard; uvloop's does not use it.
+        guarded = isinstance(loop, asyncio.BaseEventLoop)
         try:
-            server = await loop.create_server(
-                lambda: TcpEndpoint(ctx),
-                address.host,
-                address.port,
-                backlog=self.config.backlog,
-                reuse_address=True,
-            )
+            sockets = await _bind_tcp(address, self.config.backlog, guarded)
+            for sock in sockets:
+                if isinstance(sock, _GuardedListener):
+                    sock.on_shed = lambda: ctx.refused("no_file_descriptors")
+                server = await loop.create_server(
+                    lambda: TcpEndpoint(ctx), sock=sock, backlog=self.config.backlog
+                )
+                self._tcp_servers.append(server)
+                self._bound("tcp", sock)
         except OSError as exc:
             raise ListenError(
                 exc.errno, f"cannot listen on tcp {address}: {_reason(exc)}"
             ) from None
-        self._tcp_servers.append(server)
-        for sock in server.sockets:
-            self._bound("tcp", sock)
 
     async def _listen_udp(self, ctx: EndpointContext, address: Address) -> None:
         loop = asyncio.get_running_loop()
@@ -199,15 +320,17 @@ class Server:
             handler = ctx.handler_factory()  # one per listener, made where errors are clear
         except Exception as exc:
             raise HandlerError(f"the handler factory failed: {exc!r}") from exc
+        endpoint = UdpEndpoint(ctx, handler)
         try:
             transport, _ = await loop.create_datagram_endpoint(
-                lambda: UdpEndpoint(ctx, handler), local_addr=(address.host, address.port)
+                lambda: endpoint, local_addr=(address.host, address.port)
             )
         except OSError as exc:
             raise ListenError(
                 exc.errno, f"cannot listen on udp {address}: {_reason(exc)}"
             ) from None
         self._udp_transports.append(transport)
+        self._udp_endpoints.append(endpoint)
         self._bound("udp", transport.get_extra_info("socket"))
 
     def _bound(self, transport: str, sock: Any) -> None:
@@ -224,6 +347,138 @@ class Server:
         self._udp_transports.clear()
 
 
+#: accept() errors that mean "the process or system is out of descriptors or memory":
+#: wait or shed, never crash (trio keeps the same list).
+_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: How long the guarded accept stays off when it cannot even shed a connection.
+_ACCEPT_BACKOFF_S: Final = 1.0
+_NO_DESCRIPTORS_REPLY: Final = b"Error: too many connections\n"
+
+
+class _GuardedListener(socket.socket):
+    """A listening socket whose ``accept`` sheds connections when descriptors run out.
+
+    It keeps one spare descriptor. When ``accept`` fails for want of descriptors, the
+    spare is closed, one waiting connection is accepted into its place, told it is
+    refused and closed, and the spare is taken again; asyncio sees "nothing to accept"
+    (``BlockingIOError``) and carries on. So each waiting connection gets an answer and
+    costs one accept, and the loop never spins. If even that fails, ``accept`` raises the
+    error once (asyncio logs it and retries in a second) and reports nothing to accept
+    until then.
+    """
+
+    __slots__ = ("_backoff_until", "_spare", "on_shed")
+
+    def __init__(self, family: int, type: int, proto: int) -> None:
+        super().__init__(family, type, proto)
+        self._spare: int | None = _open_spare()
+        self._backoff_until = 0.0
+        self.on_shed: Any = None
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self._backoff_until:
+            if time.monotonic() < self._backoff_until:
+                raise BlockingIOError(errno.EAGAIN, "accept is backing off")
+            self._backoff_until = 0.0
+        try:
+            return super().accept()
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_RESOURCES:
+                raise
+            if self._shed():
+                raise BlockingIOError(errno.EAGAIN, "shed one connection") from None
+            self._backoff_until = time.monotonic() + _ACCEPT_BACKOFF_S
+            raise
+
+    def _shed(self) -> bool:
+        if self._spare is None:
+            return False
+        os.close(self._spare)
+        self._spare = None
+        try:
+            fd, _ = self._accept()  # type: ignore[attr-defined]
+        except OSError:
+            self._spare = _open_spare()
+            return False
+        with contextlib.suppress(OSError):
+            os.write(fd, _NO_DESCRIPTORS_REPLY)
+        os.close(fd)
+        self._spare = _open_spare()
+        if self.on_shed is not None:
+            self.on_shed()
+        return True
+
+    def close(self) -> None:
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+        super().close()
+
+
+def _open_spare() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+async def _bind_tcp(address: Address, backlog: int, guarded: bool) -> list[socket.socket]:
+    """Listening sockets for every address ``address.host`` resolves to (all or none)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    kind = _GuardedListener if guarded else socket.socket
+    sockets: list[socket.socket] = []
+    try:
+        for family, type_, proto, _, sockaddr in dict.fromkeys(infos):
+            sock = kind(family, type_, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # One socket per family, as asyncio does: [::] must not also take IPv4.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _open_file_limits() -> tuple[int, int] | None:
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = 2**20
+    return (
+        unlimited if soft == resource.RLIM_INFINITY else soft,
+        unlimited if hard == resource.RLIM_INFINITY else hard,
+    )
+
+
+def _raise_open_file_limit(wanted: int, hard: int) -> int:
+    import resource
+
+    new = min(wanted, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    except (ValueError, OSError):
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return new
+
+
+def _descriptors_in_use() -> int:
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        with contextlib.suppress(OSError):
+            return len(os.listdir(folder)) - 1  # less the one listdir itself opened
+    return 32
+
+
 def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
@@ -234,12 +489,17 @@ def _name(handler: object) -> str:
     return f"{getattr(handler, '__module__', '?')}:{getattr(handler, '__qualname__', handler)}"
 
 
+#: Exit status of a stop forced by a second signal (the drain did not finish).
+EXIT_FORCED: Final = 1
+
+
 def run(config: Config | None = None, **settings: Any) -> int:
     """Run a server in the foreground until SIGINT or SIGTERM; return the exit status 0.
 
     The blocking form of :class:`Server`, with the same arguments. It configures
     structlog from ``config`` (``log_format``, ``log_level``) and runs on the event loop
-    ``config.loop`` names.
+    ``config.loop`` names. The first signal starts a graceful shutdown; a second one
+    aborts every connection and exits at once with status 1.
 
     Raises:
         ConfigError, HandlerError, LoopUnavailable, ListenError: before serving starts.
@@ -248,16 +508,34 @@ def run(config: Config | None = None, **settings: Any) -> int:
     config = server.config
     factory = loop_factory(config.loop)
     configure_logging(config.log_format, config.log_level)
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(_serve_until_signal(server, resolve_loop_name(config.loop)))
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(_serve_until_signal(server, resolve_loop_name(config.loop)))
+    finally:
+        flush_logs()
     return 0
 
 
 async def _serve_until_signal(server: Server, loop_name: str) -> None:
     loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            get_logger().info("stop_requested", signal=signal.Signals(signum).name)
+            server.stop()
+            return
+        get_logger().warning("shutdown_forced", signal=signal.Signals(signum).name)
+        server.abort()
+        flush_logs(1.0)
+        sys.stderr.flush()
+        os._exit(EXIT_FORCED)
+
     # Before binding: a signal that arrives while we start still means a clean stop.
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, server.stop)
+        loop.add_signal_handler(signum, on_signal, signum)
     try:
         await server.start()
         get_logger().info(
@@ -265,6 +543,7 @@ async def _serve_until_signal(server: Server, loop_name: str) -> None:
             loop=loop_name,
             handler=_name(server.config.handler),
             framing=server.config.framing,
+            max_connections=server.max_connections,
         )
         await server.serve_forever()
     finally:

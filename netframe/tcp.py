@@ -5,38 +5,71 @@ its handler sees, so a connection costs one protocol object, one handler and one
 
 The walk of a chunk: ``data_received`` -> ``Framer.feed`` -> for each message, decode
 and ``handler.on_message`` -> replies collect in a list -> one ``transport.write`` for
-the batch. Plain handlers run inline with no task. A handler whose ``on_message``
-returns an awaitable gets one task per connection, started only then, and this
-connection's later messages queue behind it so replies keep their order.
+the batch. Plain handlers run inline with no task. A handler whose hook returns an
+awaitable gets one task per connection, started only then, and this connection's later
+messages wait in ``_pending`` behind it so replies keep their order.
 
-Protection: a client that sends but never reads fills our write buffer past the high
-mark, and we stop reading from it until it drains; an async handler's queue past
-``max_pending_messages`` pauses reading the same way. An overlong line and bytes that do
-not decode get an ``Error: ...`` line; the first closes the connection, the second does
-not. Each logs one warning per connection, never one per message.
+Protection, each bounded and each with a reason in ``connection_closed``:
+
+- caps: over ``max_connections`` or ``max_per_ip`` a new connection gets one
+  ``Error: ...`` line and is closed before any handler is made;
+- flow control: a client that sends but never reads fills our write buffer past the
+  high mark; handling stops mid-read (the rest waits in ``_pending``) and reading
+  pauses until it drains, and if it does not drain within ``send_timeout_s`` the
+  connection is aborted;
+- deadlines (idle, message, send, lingering close) are stamped on the endpoint from the
+  server's coarse clock and checked only when the connection's slot in the server's
+  :class:`~netframe.limits.DeadlineWheel` comes due: no timer per message;
+- an overlong message gets ``Error: ...`` after the messages before it are answered, then
+  a close; bytes that do not decode get an ``Error: ...`` line and the session goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import time
 from collections.abc import Awaitable, Iterable
 from typing import Any, Final, cast
 
 from netframe._endpoint import (
     HANDLER_ERROR_EVENT,
+    TICK_S,
     UNDECODABLE_EVENT,
     EndpointContext,
+    error_reply,
     format_peer,
+    normalise_host,
 )
-from netframe.framing import LF, Message
+from netframe.framing import Message
 from netframe.handlers import Handler
 
 __all__ = ["TcpEndpoint"]
 
 _PAUSED_BY_WRITES: Final = 1
 _PAUSED_BY_QUEUE: Final = 2
+#: Replies collected before they are written out in the middle of one read's messages,
+#: so a read of thousands of pipelined lines never holds thousands of replies at once.
+_BATCH_FLUSH: Final = 64
+#: Messages taken from ``_pending`` per call of ``_handle`` when catching up.
+_DRAIN_CHUNK: Final = 64
+#: How long a closing connection may wait to deliver its last replies when no send
+#: timeout is set.
+_LINGER_S: Final = 30.0
+
+TOO_MANY_REPLY: Final = error_reply("too many connections\n")
+TOO_MANY_FROM_IP_REPLY: Final = error_reply("too many connections from your address\n")
+MESSAGE_TIMEOUT_REPLY: Final = error_reply("message timed out\n")
+
+
+class _Overflow(bytes):
+    """The type of the marker that stands where an overlong message was cut off."""
+
+
+#: Queued after the last message before an overlong one, so that the refusal keeps its
+#: place in the stream: earlier messages are answered first, later ones never.
+_OVERFLOW: Final[Message] = (_Overflow(), b"")
 
 
 class TcpEndpoint(asyncio.Protocol):
@@ -45,23 +78,32 @@ class TcpEndpoint(asyncio.Protocol):
     __slots__ = (
         "_bare_timer",
         "_batch",
+        "_check_at",
+        "_closed_at",
         "_closing",
         "_ctx",
         "_eof",
         "_framer",
         "_handler",
+        "_ip",
         "_log",
+        "_message_started",
         "_pause_reasons",
+        "_paused_at",
         "_peer",
         "_pending",
+        "_registered",
+        "_seen",
         "_started",
         "_task",
         "_terminator",
         "_transport",
         "_undecodable",
         "_waiting",
+        "_writes_paused",
         "bytes_in",
         "bytes_out",
+        "close_reason",
         "id",
         "messages_in",
         "messages_out",
@@ -79,15 +121,28 @@ class TcpEndpoint(asyncio.Protocol):
         self._batch: list[bytes] | None = None
         self._terminator = self._framer.greeting_terminator
         self._closing = False
+        self._registered = False
         self._eof = False
         self._pause_reasons = 0
+        self._writes_paused = False
         self._bare_timer: asyncio.TimerHandle | None = None
-        # The handler's async call in flight, the task awaiting it, and what waits behind.
+        # The handler's async call in flight, the task awaiting it, and the messages not
+        # handled yet (behind an async call, or held while the peer does not read).
         self._waiting: Awaitable[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._pending: collections.deque[Message] | None = None
         self._undecodable = 0
-        self._started = 0.0
+        # Coarse-clock stamps for the deadlines (0.0: not running), and the time this
+        # connection's next deadline check is scheduled for.
+        self._seen = ctx.now
+        self._started = 0.0  # time.monotonic() at connection_made, for the logged duration
+        self._message_started = 0.0
+        self._paused_at = 0.0
+        self._closed_at = 0.0
+        self._check_at = math.inf
+        self._ip: str | None = None
+        #: Why the connection ended, once it is known (``idle_timeout``, ``reset``, ...).
+        self.close_reason: str | None = None
         # Bound on first use: a connection that logs nothing never pays for a logger.
         self._log: Any = None
         self._peer: tuple[Any, ...] | None = None
@@ -105,10 +160,22 @@ class TcpEndpoint(asyncio.Protocol):
             self._closing = True
             transport.close()
             return
+        if len(ctx.connections) >= ctx.max_connections:
+            self._refuse(TOO_MANY_REPLY, "max_connections")
+            return
+        limit = ctx.config.max_per_ip
+        if limit:
+            self._ip = ip = normalise_host(str(self.peer[0])) if self.peer else ""
+            if ctx.per_ip.get(ip, 0) >= limit:
+                self._refuse(TOO_MANY_FROM_IP_REPLY, "max_per_ip")
+                return
+            ctx.per_ip[ip] = ctx.per_ip.get(ip, 0) + 1
+        self._registered = True
         transport.set_write_buffer_limits(
             high=ctx.config.write_buffer_high_bytes, low=ctx.config.write_buffer_low_bytes
         )
         ctx.connections.add(self)
+        self._schedule_check()
         if ctx.info:
             self.log.info("connection_opened")
         self._batch = []
@@ -116,50 +183,88 @@ class TcpEndpoint(asyncio.Protocol):
             # The user's factory runs here, not in the listener's protocol factory: an
             # exception there would stop uvloop from accepting any further connection.
             self._handler = ctx.handler_factory()
-            self._handler.on_connect(self)
+            result = self._handler.on_connect(self)
         except Exception:
             self._handler_failed("handler_factory" if self._handler is None else "on_connect")
+        else:
+            if result is not None:
+                self._await(result)
         self._handle(())
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
         if self._closing:
             return
+        ctx = self._ctx
+        now = self._seen = ctx.now
         if self._bare_timer is not None:
             self._bare_timer.cancel()
             self._bare_timer = None
-        self._handle(self._framer.feed(data))
+        framer = self._framer
+        messages = framer.feed(data)
+        if framer.partial:
+            # A message has begun; it has begun now unless the same one was already
+            # under way (no message completed in this read).
+            if messages or not self._message_started:
+                self._message_started = now
+                timeout = ctx.config.message_timeout_s
+                if timeout and now + timeout + TICK_S < self._check_at:
+                    self._schedule_check(now + timeout + TICK_S)
+        elif self._message_started:
+            self._message_started = 0.0
+        if framer.overflow:
+            messages = [*messages, _OVERFLOW]
+        self._handle(messages)
 
     def eof_received(self) -> bool:
         # The peer finished sending. Bytes an `auto` framer holds as a possible bare
         # message are one now (the seeds' server answers a last word before the close).
+        if self.close_reason is None:
+            self.close_reason = "peer_closed"
         if self._framer.waiting_for_bare_flush and not self._closing:
             self._handle(self._framer.flush())
-        if self._waiting is not None and not self._closing:
+        if (self._waiting is not None or self._pending) and not self._closing:
             self._eof = True
-            return True  # keep the transport open until the async handler catches up
+            return True  # keep the transport open until the queued messages are answered
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         ctx = self._ctx
+        self._closing = True
+        if not self._registered:
+            return
+        self._registered = False
         ctx.connections.discard(self)
+        ctx.wheel.cancel(self)
+        if self._ip is not None:
+            left = ctx.per_ip[self._ip] - 1
+            if left:
+                ctx.per_ip[self._ip] = left
+            else:
+                del ctx.per_ip[self._ip]
         if not ctx.connections and ctx.all_closed is not None:
             ctx.all_closed.set()
-        self._closing = True
+        if exc is not None and self.close_reason in (None, "peer_closed"):
+            self.close_reason = "reset"
+        elif self.close_reason is None:
+            self.close_reason = "peer_closed"
         if self._bare_timer is not None:
             self._bare_timer.cancel()
         if self._task is not None:
             self._task.cancel()
-        try:
-            if self._handler is not None:
-                self._handler.on_disconnect(self)
-        except Exception:
-            self._handler_failed("on_disconnect")
+        if self._handler is not None:
+            try:
+                result = self._handler.on_disconnect(self)
+            except Exception:
+                self._handler_failed("on_disconnect")
+            else:
+                if result is not None:
+                    self._background(result, "on_disconnect")
         if not ctx.info:
             return
         self.log.info(
             "connection_closed",
-            reason="reset" if exc is not None else "closed",
+            reason=self.close_reason,
             duration_s=round(time.monotonic() - self._started, 6),
             bytes_in=self.bytes_in,
             bytes_out=self.bytes_out,
@@ -168,9 +273,19 @@ class TcpEndpoint(asyncio.Protocol):
         )
 
     def pause_writing(self) -> None:
+        self._writes_paused = True
+        self._paused_at = now = self._ctx.now
         self._pause_reading(_PAUSED_BY_WRITES)
+        timeout = self._ctx.config.send_timeout_s
+        if timeout and now + timeout + TICK_S < self._check_at:
+            self._schedule_check(now + timeout + TICK_S)
 
     def resume_writing(self) -> None:
+        self._writes_paused = False
+        self._paused_at = 0.0
+        self._seen = self._ctx.now
+        if self._pending and self._waiting is None:
+            self._drain()
         self._resume_reading(_PAUSED_BY_WRITES)
 
     # -- Connection, as the handler sees it ---------------------------------------------
@@ -208,37 +323,113 @@ class TcpEndpoint(asyncio.Protocol):
             self._write(message + self._terminator)
 
     def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        if self._batch is None and self._transport is not None:
-            self._transport.close()
+        self._close("handler_closed")
 
     def abort(self) -> None:
         """Close at once, dropping unsent replies (used when a shutdown deadline passes)."""
-        self._closing = True
-        if self._transport is not None:
-            self._transport.abort()
+        self._abort("server_shutdown")
+
+    # -- server shutdown ----------------------------------------------------------------
+
+    def shut_down(self) -> bool:
+        """The server is stopping: close now if between messages (True), else let the
+        message in progress finish first (False); ``_handle`` closes it when it does."""
+        if self._closing:
+            return True
+        if self._busy():
+            return False
+        self._close("server_shutdown")
+        return True
+
+    def _busy(self) -> bool:
+        """True while a message is under way: a partial one, an async call, queued ones."""
+        return bool(self._framer.partial or self._waiting is not None or self._pending)
+
+    # -- deadlines ----------------------------------------------------------------------
+
+    def _schedule_check(self, when: float | None = None) -> None:
+        """Ask the server's wheel to call :meth:`check_deadlines` at ``when`` (default:
+        the next deadline). Only ever moves the check earlier, or sets it after a check."""
+        if when is None:
+            when = self._next_deadline()
+            if when == math.inf:
+                self._check_at = when
+                return
+        self._check_at = when
+        self._ctx.wheel.schedule(self, when)
+
+    def _next_deadline(self) -> float:
+        # Each deadline gets one tick of slack: the stamps come from a clock that may be
+        # a tick old, and a timeout must never fire early.
+        config = self._ctx.config
+        deadline = math.inf
+        if self._closing:
+            linger = config.send_timeout_s or _LINGER_S
+            return self._closed_at + linger + TICK_S
+        if config.idle_timeout_s:
+            deadline = self._seen + config.idle_timeout_s + TICK_S
+        if self._message_started and config.message_timeout_s:
+            deadline = min(deadline, self._message_started + config.message_timeout_s + TICK_S)
+        if self._writes_paused and config.send_timeout_s:
+            deadline = min(deadline, self._paused_at + config.send_timeout_s + TICK_S)
+        return deadline
+
+    def check_deadlines(self, now: float) -> None:
+        """Called by the server when this connection's check comes due."""
+        self._check_at = math.inf
+        if not self._registered:
+            return
+        if self._next_deadline() > now:
+            self._schedule_check()
+            return
+        config = self._ctx.config
+        if self._closing:
+            # Closed, but its last replies could not be delivered in time.
+            if self._transport is not None:
+                self._transport.abort()
+        elif self._writes_paused and self._paused_at + config.send_timeout_s + TICK_S <= now:
+            self.log.warning("send_timeout", send_timeout_s=config.send_timeout_s)
+            self._abort("send_timeout")
+        elif (
+            self._message_started
+            and config.message_timeout_s
+            and (self._message_started + config.message_timeout_s + TICK_S <= now)
+        ):
+            self.log.warning("message_timeout", message_timeout_s=config.message_timeout_s)
+            self._reply_error(MESSAGE_TIMEOUT_REPLY)
+            self._close("message_timeout")
+        else:
+            self._close("idle_timeout")
 
     # -- the message path ---------------------------------------------------------------
 
     def _handle(self, messages: Iterable[Message]) -> None:
-        """Hand messages to the handler in order, then write all their replies at once.
+        """Hand messages to the handler in order, then write their replies out.
 
-        When ``on_message`` returns an awaitable, the messages after it wait in
-        ``_pending`` until the runner task has awaited it, so replies keep their order.
+        Messages wait in ``_pending`` instead when older ones wait there (an async call
+        in flight, or replies the peer is not reading); handling stops at an async call
+        or when the write buffer fills, and what is left goes to the front of
+        ``_pending``.
         """
+        if self._pending and messages:
+            self._queue(messages)
+            messages = ()
+        self._dispatch(messages)
+
+    def _dispatch(self, messages: Iterable[Message]) -> None:
+        """Handle ``messages``, which come before everything in ``_pending``."""
         if self._batch is None:
             self._batch = []
-        if self._waiting is not None:
-            self._queue(messages)
-        elif not self._closing and (handler := self._handler) is not None:
+        if self._waiting is None and not self._closing and (handler := self._handler):
             ctx = self._ctx
             on_message = handler.on_message
             encoding = ctx.encoding if handler.text else None
             rest = iter(messages)
             for payload, self._terminator in rest:
                 if self._closing:
+                    break
+                if payload.__class__ is _Overflow:
+                    self._refuse_overlong()
                     break
                 self.messages_in += 1
                 if ctx.debug:
@@ -256,44 +447,47 @@ class TcpEndpoint(asyncio.Protocol):
                     self._handler_failed("on_message")
                     break
                 if result is not None:
-                    self._waiting = result
-                    self._queue(rest)
-                    if self._task is None:
-                        self._task = asyncio.ensure_future(self._run_async())
+                    self._await(result)
+                    self._requeue(rest)
                     break
-        framer = self._framer
-        if (framer.overflow or framer.waiting_for_bare_flush) and not self._closing:
-            self._framer_needs_attention()
-        batch, self._batch = self._batch, None
-        transport = self._transport
-        if transport is None:
-            return
-        if batch:
-            data = batch[0] if len(batch) == 1 else b"".join(batch)
-            self.bytes_out += len(data)
-            transport.write(data)
+                if len(self._batch) >= _BATCH_FLUSH:
+                    self._flush()
+                    if self._writes_paused:
+                        self._requeue(rest)
+                        break
+        self._flush()
+        self._batch = None
         if self._closing:
-            transport.close()
-
-    def _framer_needs_attention(self) -> None:
-        if self._framer.overflow:
-            self._refuse_overlong_line()
-        else:
+            if self._transport is not None:
+                self._transport.close()
+        elif self._ctx.stopping and not self._busy():
+            self._close("server_shutdown")
+        elif self._framer.waiting_for_bare_flush and self._bare_timer is None:
             delay = self._ctx.config.bare_message_delay_s
             self._bare_timer = asyncio.get_running_loop().call_later(delay, self._bare_flush)
+
+    def _flush(self) -> None:
+        batch = self._batch
+        transport = self._transport
+        if not batch or transport is None:
+            return
+        data = batch[0] if len(batch) == 1 else b"".join(batch)
+        batch.clear()
+        self.bytes_out += len(data)
+        self._seen = self._ctx.now
+        transport.write(data)
 
     def _write(self, data: bytes) -> None:
         transport = self._transport
         if transport is not None and not transport.is_closing():
             self.bytes_out += len(data)
+            self._seen = self._ctx.now
             transport.write(data)
 
     def _bare_flush(self) -> None:
         self._bare_timer = None
         if not self._closing:
             self._handle(self._framer.flush())
-
-    # -- async handlers -----------------------------------------------------------------
 
     def _queue(self, messages: Iterable[Message]) -> None:
         if self._pending is None:
@@ -302,30 +496,90 @@ class TcpEndpoint(asyncio.Protocol):
         if len(self._pending) >= self._ctx.config.max_pending_messages:
             self._pause_reading(_PAUSED_BY_QUEUE)
 
-    async def _run_async(self) -> None:
-        """Await the handler's pending call, then hand over what queued behind it, one
-        message at a time, until the queue is empty or the handler awaits again."""
+    def _requeue(self, rest: Iterable[Message]) -> None:
+        """Put the messages not yet handled back at the front of ``_pending``."""
+        left = list(rest)
+        if not left:
+            return
+        if self._pending is None:
+            self._pending = collections.deque()
+        self._pending.extendleft(reversed(left))
+        if len(self._pending) >= self._ctx.config.max_pending_messages:
+            self._pause_reading(_PAUSED_BY_QUEUE)
+
+    def _drain(self) -> None:
+        """Handle what waits in ``_pending`` while nothing holds it up."""
+        pending = self._pending
         resume_below = self._ctx.config.max_pending_messages // 2
+        while pending and self._waiting is None and not self._closing:
+            if self._writes_paused:
+                return
+            chunk = [pending.popleft() for _ in range(min(len(pending), _DRAIN_CHUNK))]
+            self._dispatch(chunk)
+        if not pending or len(pending) <= resume_below:
+            self._resume_reading(_PAUSED_BY_QUEUE)
+        if self._eof and not pending and self._waiting is None and not self._closing:
+            self._close(self.close_reason or "peer_closed")
+
+    # -- async handlers -----------------------------------------------------------------
+
+    def _await(self, awaitable: Awaitable[None]) -> None:
+        self._waiting = awaitable
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run_async())
+
+    async def _run_async(self) -> None:
+        """Await the handler's pending call, then hand over what queued behind it, until
+        the queue is empty or the handler awaits again.
+
+        A failing or cancelled await (a lookup that raised, a future another task
+        cancelled) is the handler's failure: it is logged and the connection closes
+        after the replies made so far. Only a cancellation of this task itself (the
+        connection went away) ends the loop quietly.
+        """
         try:
             while (waiting := self._waiting) is not None:
-                await waiting
-                self._waiting = None
-                pending = self._pending
-                while pending and self._waiting is None and not self._closing:
-                    self._handle((pending.popleft(),))
-                    if len(pending) <= resume_below:
-                        self._resume_reading(_PAUSED_BY_QUEUE)
-                if self._closing:
+                try:
+                    await waiting
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise
+                    self._handler_failed("on_message", cancelled=True)
                     break
-        except Exception:
-            self._handler_failed("on_message")
+                except Exception:
+                    self._handler_failed("on_message")
+                    break
+                self._waiting = None
+                self._drain()
         finally:
             self._task = None
             self._waiting = None
-        if self._eof and not self._closing:
-            self.close()
+
+    def _background(self, awaitable: Awaitable[None], hook: str) -> None:
+        """Run an async ``on_disconnect`` to the end; a stopping server waits for it."""
+
+        async def finish() -> None:
+            try:
+                await awaitable
+            except Exception:
+                self._handler_failed(hook)
+
+        task = asyncio.ensure_future(finish())
+        self._ctx.background.add(task)
+        task.add_done_callback(self._ctx.background.discard)
 
     # -- refusing bad input -------------------------------------------------------------
+
+    def _refuse(self, reply: bytes, reason: str) -> None:
+        """Turn away a new connection over a cap: one error line, then close."""
+        self._closing = True
+        self.close_reason = reason
+        transport = self._transport
+        if transport is not None:
+            transport.write(reply)
+            transport.close()
+        self._ctx.refused(reason)
 
     def _refuse_undecodable(self) -> None:
         self._undecodable += 1
@@ -334,11 +588,11 @@ class TcpEndpoint(asyncio.Protocol):
         # Answered like any reply: with the message's own line ending, or none if bare.
         self._reply_error(self._ctx.undecodable_reply + self._terminator)
 
-    def _refuse_overlong_line(self) -> None:
+    def _refuse_overlong(self) -> None:
         limit = self._ctx.config.max_line_bytes
         self.log.warning("line_too_long", max_line_bytes=limit)
-        self._reply_error(self._ctx.line_limit_reply + LF)
-        self.close()
+        self._reply_error(self._ctx.line_limit_reply)
+        self._close("line_too_long")
 
     def _reply_error(self, line: bytes) -> None:
         self.messages_out += 1
@@ -347,9 +601,34 @@ class TcpEndpoint(asyncio.Protocol):
         else:
             self._write(line)
 
-    def _handler_failed(self, hook: str) -> None:
-        self.log.exception(HANDLER_ERROR_EVENT, hook=hook)
-        self.close()
+    def _handler_failed(self, hook: str, *, cancelled: bool = False) -> None:
+        if cancelled:
+            self.log.error(HANDLER_ERROR_EVENT, hook=hook, error="an await was cancelled")
+        else:
+            self.log.exception(HANDLER_ERROR_EVENT, hook=hook)
+        self._close("handler_error")
+
+    # -- closing ------------------------------------------------------------------------
+
+    def _close(self, reason: str) -> None:
+        """Close after the queued replies are written; ``reason`` goes in the log."""
+        if self._closing:
+            return
+        self._closing = True
+        if self.close_reason in (None, "peer_closed"):
+            self.close_reason = reason
+        self._closed_at = self._ctx.now
+        if self._registered:
+            self._schedule_check()  # a peer that never reads must not hold the close open
+        if self._batch is None and self._transport is not None:
+            self._transport.close()
+
+    def _abort(self, reason: str) -> None:
+        self._closing = True
+        if self.close_reason in (None, "peer_closed"):
+            self.close_reason = reason
+        if self._transport is not None:
+            self._transport.abort()
 
     # -- flow control -------------------------------------------------------------------
 

@@ -74,8 +74,20 @@ class MemoryConnection:
     # -- driving the handler ----------------------------------------------------------------
 
     def connect(self) -> list[bytes]:
-        """Call ``on_connect``; return the replies it made."""
-        return self._replies(lambda: self.handler.on_connect(self))
+        """Call ``on_connect``; return the replies it made.
+
+        Raises:
+            TypeError: ``on_connect`` is async; use :meth:`aconnect`.
+        """
+        return self._replies(lambda: _no_await(self.handler.on_connect(self), "aconnect()"))
+
+    async def aconnect(self) -> list[bytes]:
+        """Like :meth:`connect`, awaiting an async ``on_connect``."""
+        start = len(self.sent)
+        result = self.handler.on_connect(self)
+        if result is not None:
+            await result
+        return self.sent[start:]
 
     def receive(self, message: Message) -> list[bytes]:
         """Hand one message to ``on_message``; return the replies it made.
@@ -85,14 +97,7 @@ class MemoryConnection:
             UnicodeDecodeError: ``bytes`` for a text handler that do not decode.
         """
 
-        def call() -> None:
-            result = self._deliver(message)
-            if result is not None:
-                if asyncio.iscoroutine(result):
-                    result.close()
-                raise TypeError("on_message is async: use `await conn.areceive(...)`")
-
-        return self._replies(call)
+        return self._replies(lambda: _no_await(self._deliver(message), "areceive(...)"))
 
     async def areceive(self, message: Message) -> list[bytes]:
         """Like :meth:`receive`, awaiting an async ``on_message``."""
@@ -103,9 +108,20 @@ class MemoryConnection:
         return self.sent[start:]
 
     def disconnect(self) -> None:
-        """Call ``on_disconnect``, as when the peer leaves."""
-        self.handler.on_disconnect(self)
+        """Call ``on_disconnect``, as when the peer leaves.
+
+        Raises:
+            TypeError: ``on_disconnect`` is async; use :meth:`adisconnect`.
+        """
         self.closed = True
+        _no_await(self.handler.on_disconnect(self), "adisconnect()")
+
+    async def adisconnect(self) -> None:
+        """Like :meth:`disconnect`, awaiting an async ``on_disconnect``."""
+        self.closed = True
+        result = self.handler.on_disconnect(self)
+        if result is not None:
+            await result
 
     def _deliver(self, message: Message) -> Awaitable[None] | None:
         if self.closed:
@@ -120,6 +136,13 @@ class MemoryConnection:
         start = len(self.sent)
         call()
         return self.sent[start:]
+
+
+def _no_await(result: Awaitable[None] | None, instead: str) -> None:
+    if result is not None:
+        if asyncio.iscoroutine(result):
+            result.close()
+        raise TypeError(f"the hook is async: use `await conn.{instead}`")
 
 
 def _loopback_defaults(settings: dict[str, Any]) -> dict[str, Any]:

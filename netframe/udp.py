@@ -6,32 +6,48 @@ is taken off and put back on the replies (``nc -u`` sends ``Bob\\n`` and gets
 back to the sender.
 
 One handler instance serves the whole listener (UDP has no connections, and a handler
-per source address would let spoofed traffic grow memory without bound). Datagrams that
-do not decode are dropped, not answered: an error reply to a forged source address would
-make us a reflector. Such drops are counted and logged at most once per
-``_DROP_LOG_INTERVAL_S``.
+per source address would let spoofed traffic grow memory without bound).
+
+The source address of a datagram can be forged, so every reply may land on a victim.
+Before the handler sees a datagram it passes these guards, cheapest first, and a
+datagram that fails one is dropped without a reply:
+
+- size: larger than ``udp_max_datagram_bytes`` (and no reply larger than that is sent);
+- source port below 1024 (DNS, NTP and other services: a reply there is a reflection),
+  unless listed in ``udp_allow_ports``;
+- rate: ``udp_rate`` datagrams a second per source address (the port does not count, so
+  a client cannot reset its bucket by changing port; IPv6 sources count per /64, what
+  one host usually holds), with a burst of as many;
+- empty or blank, and bytes that do not decode for a text handler.
+
+Replies are dropped too while the transport asks us to pause writing: UDP has nothing to
+slow down, and queueing would only grow memory. Every drop is counted per reason and
+summarised in a ``datagrams_dropped`` warning at most once a second.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import socket
+from collections.abc import Awaitable, Hashable
 from typing import Any, Final, cast
 
 from netframe._endpoint import (
     HANDLER_ERROR_EVENT,
-    UNDECODABLE_EVENT,
+    SUMMARY_INTERVAL_S,
     EndpointContext,
     format_peer,
+    normalise_host,
 )
 from netframe.framing import split_terminator
 from netframe.handlers import Handler
+from netframe.limits import EventSummary, SourceRateLimiter
 
 __all__ = ["UdpEndpoint"]
 
-# Dropped-datagram warnings are summarised at most this often, so a flood of garbage
-# cannot turn into a flood of log lines.
-_DROP_LOG_INTERVAL_S: Final = 10.0
+DROPPED_EVENT: Final = "datagrams_dropped"
+#: Source ports below this are services' ports; see the module docstring.
+_FIRST_CLIENT_PORT: Final = 1024
 
 
 class UdpPeer:
@@ -63,12 +79,28 @@ class UdpPeer:
         self._closed = True
 
 
+def source_key(host: str) -> Hashable:
+    """The rate limiter's key for a source: the IPv4 address, or the IPv6 /64."""
+    if ":" not in host:
+        return host
+    host = normalise_host(host)
+    if ":" not in host:
+        return host
+    try:
+        return socket.inet_pton(socket.AF_INET6, host.partition("%")[0])[:8]
+    except OSError:
+        return host
+
+
 class UdpEndpoint(asyncio.DatagramProtocol):
     """One UDP listener."""
 
     __slots__ = (
-        "_dropped",
-        "_last_drop_log",
+        "_allow_ports",
+        "_limiter",
+        "_max_bytes",
+        "_paused",
+        "_summary",
         "_tasks",
         "_transport",
         "ctx",
@@ -77,13 +109,21 @@ class UdpEndpoint(asyncio.DatagramProtocol):
     )
 
     def __init__(self, ctx: EndpointContext, handler: Handler) -> None:
+        config = ctx.config
         self.ctx = ctx
         self.handler = handler
         self.log: Any = ctx.log.bind(transport="udp")
         self._transport: asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._dropped = 0
-        self._last_drop_log = -_DROP_LOG_INTERVAL_S
+        self._max_bytes = config.udp_max_datagram_bytes
+        self._allow_ports = frozenset(config.udp_allow_ports)
+        self._limiter = (
+            SourceRateLimiter(config.udp_rate, config.udp_rate, config.udp_rate_sources)
+            if config.udp_rate
+            else None
+        )
+        self._paused = False
+        self._summary = EventSummary(SUMMARY_INTERVAL_S)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop transports implement the interface without subclassing it.
@@ -91,10 +131,23 @@ class UdpEndpoint(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         ctx = self.ctx
+        if len(data) > self._max_bytes:
+            self._drop("too_large", addr, size=len(data))
+            return
+        if addr[1] < _FIRST_CLIENT_PORT and addr[1] not in self._allow_ports:
+            self._drop("low_source_port", addr)
+            return
+        limiter = self._limiter
+        if limiter is not None and not limiter.allow(source_key(addr[0]), ctx.now):
+            self._drop("rate_limited", addr)
+            return
         if ctx.strip_datagram_terminator:
             payload, terminator = split_terminator(data)
         else:
             payload, terminator = data, b""
+        if not payload.strip():
+            self._drop("empty", addr)
+            return
         if ctx.debug:
             self.log.debug("datagram_received", peer=format_peer(addr), size=len(data))
         message: str | bytes = payload
@@ -102,15 +155,13 @@ class UdpEndpoint(asyncio.DatagramProtocol):
             try:
                 message = payload.decode(ctx.encoding)
             except UnicodeDecodeError:
-                self._drop("datagrams_dropped", reason=UNDECODABLE_EVENT)
+                self._drop("undecodable", addr)
                 return
         peer = UdpPeer(self, addr, terminator)
         try:
             result = self.handler.on_message(peer, message)
         except Exception:
-            self._drop(
-                HANDLER_ERROR_EVENT, exc_info=True, hook="on_message", peer=format_peer(addr)
-            )
+            self._handler_failed(addr)
             return
         if result is not None:
             self._start_async(result, peer)
@@ -123,18 +174,41 @@ class UdpEndpoint(asyncio.DatagramProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         for task in self._tasks:
             task.cancel()
+        self.flush_summaries()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
 
     def send_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        """Send one datagram unless the listener is closing."""
+        """Send one datagram unless it is too large, writing is paused or we are closing."""
+        if len(data) > self._max_bytes:
+            self._drop("reply_too_large", addr, size=len(data))
+            return
+        if self._paused:
+            self._drop("send_paused", addr)
+            return
         transport = self._transport
         if transport is not None and not transport.is_closing():
             transport.sendto(data, addr)
+
+    def prune(self) -> None:
+        """Forget rate-limit state that no longer matters (called by the server's tick)."""
+        if self._limiter is not None and len(self._limiter) > self.ctx.config.udp_rate_sources // 2:
+            self._limiter.prune(self.ctx.now)
+
+    def flush_summaries(self) -> None:
+        """Log drop counts still waiting whose interval has passed."""
+        for reason, total in self._summary.flush(self.ctx.now):
+            self.log.warning(DROPPED_EVENT, reason=reason, dropped=total)
 
     def _start_async(self, awaitable: Awaitable[None], peer: UdpPeer) -> None:
         if len(self._tasks) >= self.ctx.config.max_pending_messages:
             # Datagrams are not queued: past the limit the newest is dropped, as the
             # network would drop it under load.
-            self._drop("datagrams_dropped", reason="async_handler_busy")
+            self._drop("async_handler_busy", peer.peer)
             if asyncio.iscoroutine(awaitable):
                 awaitable.close()
             return
@@ -146,18 +220,24 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         try:
             await awaitable
         except Exception:
-            self._drop(HANDLER_ERROR_EVENT, exc_info=True, hook="on_message",
-                       peer=format_peer(peer.peer))  # fmt: skip
+            self._handler_failed(peer.peer)
 
-    def _drop(self, event: str, exc_info: bool = False, **fields: Any) -> None:
-        """Count a datagram that got no answer; log at most one line per interval.
+    def _handler_failed(self, addr: tuple[Any, ...]) -> None:
+        """A handler error costs one datagram; its traceback is logged once a second at most.
 
-        Any sender, forged or not, can cause these, so a flood of them must not become
-        a flood of log lines (or of tracebacks, for handler errors).
+        Any sender, forged or not, can trigger one, so a flood of them must not become a
+        flood of tracebacks.
         """
-        self._dropped += 1
-        now = asyncio.get_running_loop().time()
-        if now - self._last_drop_log >= _DROP_LOG_INTERVAL_S:
-            self._last_drop_log = now
-            log = self.log.exception if exc_info else self.log.warning
-            log(event, dropped_total=self._dropped, **fields)
+        total = self._summary.add(HANDLER_ERROR_EVENT, self.ctx.now)
+        if total is not None:
+            self.log.exception(
+                HANDLER_ERROR_EVENT, hook="on_message", peer=format_peer(addr), dropped=total
+            )
+
+    def _drop(self, reason: str, addr: tuple[Any, ...], **fields: Any) -> None:
+        """Count a datagram that gets no answer; summarise at most once a second a reason."""
+        if self.ctx.debug:
+            self.log.debug("datagram_dropped", reason=reason, peer=format_peer(addr), **fields)
+        total = self._summary.add(reason, self.ctx.now)
+        if total is not None:
+            self.log.warning(DROPPED_EVENT, reason=reason, dropped=total)

@@ -24,10 +24,15 @@ from conftest import CliServer, assert_one_line_error, run_netframe
         (["serve", "--tcp", "127.0.0.1:99999"], "port must be a number"),
         (["serve", "--handler", "nosuch"], "unknown handler 'nosuch'"),
         (["serve", "--handler", "no_such_module:H"], "cannot import handler module"),
-        (["serve", "--framing", "lines"], "invalid choice: 'lines'"),
-        (["serve", "--loop", "trio"], "invalid choice: 'trio'"),
+        (["serve", "--framing", "lines"], "'lines' is not one of auto, line, raw"),
+        (["serve", "--loop", "trio"], "'trio' is not one of"),
         (["serve", "--encoding", "klingon"], "unknown encoding 'klingon'"),
-        (["serve", "--max-line-bytes", "0"], "greater than 0"),
+        (["serve", "--max-line-bytes", "0"], "'0' must be at least 1"),
+        (["serve", "--max-line-bytes", "1.5"], "'1.5' is not a whole number"),
+        (["serve", "--backlog", "1e3"], "'1e3' is not a whole number"),
+        (["serve", "--idle-timeout", "-1"], "must be 0 (off) or more seconds"),
+        (["serve", "--max-connections", "many"], "'many' is not a whole number"),
+        (["serve", "--udp-allow-port", "70000"], "must be at most 65535"),
         (["client", "localhost"], "malformed address"),
         (["client", "127.0.0.1:1", "--timeout", "x"], "is not a number"),
         (["nosuchcommand"], "invalid choice"),
@@ -66,7 +71,7 @@ def test_serve_needs_none_of_the_bench_extras() -> None:
 @pytest.mark.parametrize("value", ["nan", "inf", "-1"])
 def test_non_finite_numbers_are_usage_errors(value: str) -> None:
     done = run_netframe("serve", "--shutdown-timeout", value)
-    assert_one_line_error(done, 2, "finite number greater than 0")
+    assert_one_line_error(done, 2, "must be more than 0 seconds")
 
 
 def test_address_in_use_names_it_and_fails(cli_server: Callable[..., CliServer]) -> None:
@@ -89,8 +94,10 @@ def test_signals_stop_the_server_with_status_0(
         assert server.proc.wait(15) == 0
         assert open_client.recv(100) == b""  # closed by the graceful stop
     server.stop()
-    stopped = server.wait_for("stopped")[0]
-    assert stopped["connections_closed"] == 1
+    started = server.wait_for("shutdown_started")[0]
+    assert (started["connections"], started["idle_closed"], started["draining"]) == (1, 1, 0)
+    finished = server.wait_for("shutdown_finished")[0]
+    assert (finished["closed"], finished["aborted"]) == (1, 0)
 
 
 def test_json_logs_tell_the_story_of_a_connection(
@@ -154,7 +161,7 @@ def test_client_command_runs_the_seeds_exchange(cli_server: Callable[..., CliSer
     uhost, uport = server.address("udp")
     done = run_netframe("client", f"{uhost}:{uport}", "--udp", "Ann")
     assert (done.returncode, done.stdout) == (0, "Hello, Ann!\n")
-    assert server.wait_for("connection_closed")[0]["reason"] == "closed"
+    assert server.wait_for("connection_closed")[0]["reason"] == "handler_closed"  # "exit"
     line_server = cli_server("--tcp", "127.0.0.1:0", "--framing", "line")
     host, port = line_server.address("tcp")
     done = run_netframe("client", f"{host}:{port}", "--framing", "line", "Ann", "Bo Li")

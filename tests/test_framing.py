@@ -21,7 +21,7 @@ def feed_all(framer: Framer, chunks: list[bytes]) -> list[tuple[bytes, bytes]]:
 
 
 def test_raw_chunk_is_one_message() -> None:
-    framer = RawFramer()
+    framer = RawFramer(1024)
     assert framer.feed(b"Michael") == [(b"Michael", b"")]
     assert framer.feed(b"a\nb\n") == [(b"a\nb\n", b"")]
     assert framer.greeting_terminator == b""
@@ -94,7 +94,7 @@ def test_auto_undecided_bytes_are_bounded() -> None:
 def test_flush_with_nothing_waiting_is_empty() -> None:
     assert AutoFramer(LIMIT).flush() == []
     assert LineFramer(LIMIT).flush() == []
-    assert RawFramer().flush() == []
+    assert RawFramer(1024).flush() == []
 
 
 @pytest.mark.parametrize(
@@ -143,4 +143,11 @@ def test_a_trailing_partial_line_is_held_not_delivered(
     expected, chunks = case
     framer = LineFramer(LIMIT)
     assert feed_all(framer, [*chunks, tail]) == expected
+    assert not framer.overflow
+
+
+def test_raw_chunk_over_the_limit_is_cut_into_pieces_of_the_limit() -> None:
+    framer = RawFramer(4)
+    assert framer.feed(b"four") == [(b"four", b"")]
+    assert framer.feed(b"fivesix") == [(b"five", b""), (b"six", b"")]
     assert not framer.overflow

@@ -798,7 +798,7 @@ def test_udp_echo_returns_bytes_unchanged(run: Callable[[Scenario], None]) -> No
 
     async def scenario() -> None:
         async with (
-            serve(handler="echo", framing="raw") as server,
+            serve(handler="echo", framing="raw", udp_max_datagram_bytes=65507) as server,
             UdpClient.connect(server) as client,
         ):
             for datagram in datagrams:

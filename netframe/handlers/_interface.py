@@ -85,11 +85,18 @@ class Handler:
     #: error line). ``False``: messages arrive as the raw ``bytes``.
     text: bool = True
 
-    def on_connect(self, conn: Connection) -> None:
-        """A TCP peer connected. It may send (a greeting) or close."""
+    def on_connect(self, conn: Connection) -> Awaitable[None] | None:
+        """A TCP peer connected. It may send (a greeting) or close.
+
+        May be ``async def``: the peer's messages then wait until it has finished.
+        """
 
     def on_message(self, conn: Connection, message: Any) -> Awaitable[None] | None:
         """One framed message arrived. Reply any number of times with ``conn.send``."""
 
-    def on_disconnect(self, conn: Connection) -> None:
-        """The TCP peer left, or the connection was closed. Sending now does nothing."""
+    def on_disconnect(self, conn: Connection) -> Awaitable[None] | None:
+        """The TCP peer left, or the connection was closed. Sending now does nothing.
+
+        May be ``async def``: it runs to the end, and a stopping server waits for it
+        (within its grace period).
+        """

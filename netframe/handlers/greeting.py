@@ -12,6 +12,12 @@ class GreetingHandler(Handler):
 
     The message ``exit`` closes the connection with no reply, over TCP as in the seeds;
     over UDP it is simply not answered.
+
+    Over UDP a datagram that is itself one of this protocol's replies (``Hello, ...!``
+    or ``Welcome!``) is not answered either: its source address may be forged to be
+    another greeting server's, and two servers answering each other's replies would
+    talk forever. Protocols that tell requests from replies (DNS's QR bit, NTP's mode)
+    avoid such loops the same way.
     """
 
     __slots__ = ()
@@ -22,5 +28,11 @@ class GreetingHandler(Handler):
     def on_message(self, conn: Connection, message: str) -> None:
         if message == "exit":
             conn.close()
+        elif conn.transport == "udp" and _is_reply(message):
+            return
         else:
             conn.send(f"Hello, {message}!")
+
+
+def _is_reply(message: str) -> bool:
+    return message == "Welcome!" or (message.startswith("Hello, ") and message.endswith("!"))
