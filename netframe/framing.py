@@ -51,6 +51,8 @@ __all__ = [
 Message = tuple[bytes, bytes]
 
 LF: Final = b"\n"
+#: Most messages one ``feed`` returns (see :class:`LineFramer`).
+MAX_BATCH: Final = 1024
 CRLF: Final = b"\r\n"
 NONE: Final = b""
 
@@ -63,6 +65,11 @@ class Framer(Protocol):
     #: True once a message exceeded the limit; the framer then yields nothing more, and
     #: the messages returned with the call that set it are the last ones.
     overflow: bool
+
+    @property
+    def unparsed(self) -> bytes:
+        """Received bytes not yet cut into messages: ``feed(b"")`` returns the next ones."""
+        ...
 
     @property
     def partial(self) -> bytes | bytearray:
@@ -102,7 +109,7 @@ class RawFramer:
 
     __slots__ = ("max_bytes", "overflow", "waiting_for_bare_flush")
     greeting_terminator = NONE
-    partial = NONE
+    partial = unparsed = NONE
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -112,7 +119,7 @@ class RawFramer:
     def feed(self, data: bytes) -> list[Message]:
         size = self.max_bytes
         if len(data) <= size:
-            return [(data, NONE)]
+            return [(data, NONE)] if data else []
         return [(data[i : i + size], NONE) for i in range(0, len(data), size)]
 
     def flush(self) -> list[Message]:
@@ -120,9 +127,14 @@ class RawFramer:
 
 
 class LineFramer:
-    """Newline-delimited messages of at most ``max_line_bytes`` bytes each."""
+    """Newline-delimited messages of at most ``max_line_bytes`` bytes each.
 
-    __slots__ = ("max_line_bytes", "overflow", "partial", "waiting_for_bare_flush")
+    One call returns at most ``MAX_BATCH`` messages; complete lines beyond those stay
+    as bytes in :attr:`unparsed` until the next call (``feed(b"")`` asks for them), so a
+    read of thousands of pipelined lines never becomes thousands of objects at once.
+    """
+
+    __slots__ = ("max_line_bytes", "overflow", "partial", "unparsed", "waiting_for_bare_flush")
     greeting_terminator = LF
 
     def __init__(self, max_line_bytes: int) -> None:
@@ -132,11 +144,14 @@ class LineFramer:
         # A partial line, as a bytearray so that a line arriving a byte at a time costs
         # linear, not quadratic, copying; the shared empty bytes when there is none.
         self.partial: bytes | bytearray = NONE
+        self.unparsed = NONE
 
     def feed(self, data: bytes) -> list[Message]:
         if self.overflow:
             return []
-        if self.partial:
+        if self.unparsed:
+            data, self.unparsed = self.unparsed + data, NONE
+        elif self.partial:
             if LF not in data:  # only the new bytes are searched
                 self.partial += data
                 self._check_partial()
@@ -148,9 +163,12 @@ class LineFramer:
             self.partial = bytearray(data) if data else NONE
             self._check_partial()
             return []
-        lines = data.split(LF)
+        lines = data.split(LF, MAX_BATCH)
         rest = lines.pop()
-        self.partial = bytearray(rest) if rest else NONE
+        if len(lines) == MAX_BATCH and LF in rest:
+            self.unparsed, self.partial = rest, NONE
+        else:
+            self.partial = bytearray(rest) if rest else NONE
         limit = self.max_line_bytes
         messages: list[Message] = []
         for line in lines:
@@ -162,7 +180,8 @@ class LineFramer:
                 self._overflowed()
                 return messages
             messages.append((line, terminator))
-        self._check_partial()
+        if not self.unparsed:
+            self._check_partial()
         return messages
 
     def flush(self) -> list[Message]:
@@ -176,7 +195,7 @@ class LineFramer:
 
     def _overflowed(self) -> None:
         self.overflow = True
-        self.partial = NONE
+        self.partial = self.unparsed = NONE
 
 
 _UNDECIDED: Final = 0
@@ -204,7 +223,7 @@ class AutoFramer(LineFramer):
             self.waiting_for_bare_flush = False
             return super().feed(data)
         if state == _BARE:
-            return [(data, NONE)]
+            return [(data, NONE)] if data else []
         messages = super().feed(data)  # undecided: hold the bytes, within the line limit
         self.waiting_for_bare_flush = bool(self.partial)
         return messages

@@ -397,6 +397,9 @@ class _GuardedListener(socket.socket):
         self._spare = None
         try:
             fd, _ = self._accept()  # type: ignore[attr-defined]
+        except BlockingIOError:  # nobody was waiting after all: nothing to accept
+            self._spare = _open_spare()
+            raise
         except OSError:
             self._spare = _open_spare()
             return False

@@ -189,7 +189,7 @@ class TcpEndpoint(asyncio.Protocol):
         else:
             if result is not None:
                 self._await(result)
-        self._handle(())
+        self._dispatch(())  # writes the greeting
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -223,7 +223,7 @@ class TcpEndpoint(asyncio.Protocol):
             self.close_reason = "peer_closed"
         if self._framer.waiting_for_bare_flush and not self._closing:
             self._handle(self._framer.flush())
-        if (self._waiting is not None or self._pending) and not self._closing:
+        if self._busy() and not self._closing:
             self._eof = True
             return True  # keep the transport open until the queued messages are answered
         return False
@@ -284,8 +284,7 @@ class TcpEndpoint(asyncio.Protocol):
         self._writes_paused = False
         self._paused_at = 0.0
         self._seen = self._ctx.now
-        if self._pending and self._waiting is None:
-            self._drain()
+        self._pump()
         self._resume_reading(_PAUSED_BY_WRITES)
 
     # -- Connection, as the handler sees it ---------------------------------------------
@@ -343,7 +342,10 @@ class TcpEndpoint(asyncio.Protocol):
 
     def _busy(self) -> bool:
         """True while a message is under way: a partial one, an async call, queued ones."""
-        return bool(self._framer.partial or self._waiting is not None or self._pending)
+        framer = self._framer
+        return bool(
+            framer.partial or framer.unparsed or self._waiting is not None or self._pending
+        )
 
     # -- deadlines ----------------------------------------------------------------------
 
@@ -403,18 +405,20 @@ class TcpEndpoint(asyncio.Protocol):
 
     # -- the message path ---------------------------------------------------------------
 
-    def _handle(self, messages: Iterable[Message]) -> None:
-        """Hand messages to the handler in order, then write their replies out.
+    def _handle(self, messages: list[Message]) -> None:
+        """Hand new messages to the handler in order, then write their replies out.
 
-        Messages wait in ``_pending`` instead when older ones wait there (an async call
-        in flight, or replies the peer is not reading); handling stops at an async call
-        or when the write buffer fills, and what is left goes to the front of
-        ``_pending``.
+        When something older still waits (an async call in flight, messages held while
+        the peer does not read) they queue behind it instead. Handling stops at an async
+        call or when the write buffer fills; what is left waits in ``_pending`` and in
+        the framer, and :meth:`_pump` carries on when the obstacle is gone.
         """
-        if self._pending and messages:
+        if self._pending or self._waiting is not None or self._writes_paused:
             self._queue(messages)
-            messages = ()
+            return
         self._dispatch(messages)
+        if self._framer.unparsed:
+            self._pump()
 
     def _dispatch(self, messages: Iterable[Message]) -> None:
         """Handle ``messages``, which come before everything in ``_pending``."""
@@ -489,7 +493,7 @@ class TcpEndpoint(asyncio.Protocol):
         if not self._closing:
             self._handle(self._framer.flush())
 
-    def _queue(self, messages: Iterable[Message]) -> None:
+    def _queue(self, messages: list[Message]) -> None:
         if self._pending is None:
             self._pending = collections.deque()
         self._pending.extend(messages)
@@ -507,18 +511,24 @@ class TcpEndpoint(asyncio.Protocol):
         if len(self._pending) >= self._ctx.config.max_pending_messages:
             self._pause_reading(_PAUSED_BY_QUEUE)
 
-    def _drain(self) -> None:
-        """Handle what waits in ``_pending`` while nothing holds it up."""
+    def _pump(self) -> None:
+        """Handle what waits, queued messages first and then the framer's unparsed
+        input, while nothing holds it up; resume reading when little is left."""
         pending = self._pending
-        resume_below = self._ctx.config.max_pending_messages // 2
-        while pending and self._waiting is None and not self._closing:
-            if self._writes_paused:
-                return
-            chunk = [pending.popleft() for _ in range(min(len(pending), _DRAIN_CHUNK))]
+        framer = self._framer
+        while self._waiting is None and not self._writes_paused and not self._closing:
+            if pending:
+                chunk = [pending.popleft() for _ in range(min(len(pending), _DRAIN_CHUNK))]
+            elif framer.unparsed:
+                chunk = framer.feed(b"")
+                if framer.overflow:
+                    chunk.append(_OVERFLOW)
+            else:
+                break
             self._dispatch(chunk)
-        if not pending or len(pending) <= resume_below:
+        if not pending or len(pending) <= self._ctx.config.max_pending_messages // 2:
             self._resume_reading(_PAUSED_BY_QUEUE)
-        if self._eof and not pending and self._waiting is None and not self._closing:
+        if self._eof and not self._busy() and not self._closing:
             self._close(self.close_reason or "peer_closed")
 
     # -- async handlers -----------------------------------------------------------------
@@ -551,7 +561,7 @@ class TcpEndpoint(asyncio.Protocol):
                     self._handler_failed("on_message")
                     break
                 self._waiting = None
-                self._drain()
+                self._pump()
         finally:
             self._task = None
             self._waiting = None
