@@ -404,6 +404,13 @@ class Config:
         "bounds the limiter's memory (about 200 bytes a source, 3 MiB in all) however many "
         "addresses a flood forges", "count", metavar="N",
     )  # fmt: skip
+    udp_receive_buffer_bytes: int = _setting(
+        4 * 1024 * 1024, "--udp-receive-buffer",
+        "kernel receive buffer asked for each UDP listener, in bytes",
+        "absorbs bursts so a flood from one source does not crowd out others' datagrams "
+        "before the rate limit sees them; Unbound recommends 4 MiB (so-rcvbuf). Above "
+        "net.core.rmem_max only when run with privilege", "count", metavar="BYTES",
+    )  # fmt: skip
     udp_allow_ports: tuple[int, ...] = _setting(
         (), "--udp-allow-port",
         "answer UDP datagrams from this source port below 1024 too (repeatable)",

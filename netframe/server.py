@@ -33,6 +33,7 @@ import time
 from types import TracebackType
 from typing import Any, Final
 
+from netframe._datagram import open_datagram_endpoint
 from netframe._endpoint import TICK_S, EndpointContext
 from netframe.config import Address, Config
 from netframe.handlers import HandlerError, resolve_handler
@@ -315,15 +316,18 @@ class Server:
             ) from None
 
     async def _listen_udp(self, ctx: EndpointContext, address: Address) -> None:
-        loop = asyncio.get_running_loop()
         try:
             handler = ctx.handler_factory()  # one per listener, made where errors are clear
         except Exception as exc:
             raise HandlerError(f"the handler factory failed: {exc!r}") from exc
         endpoint = UdpEndpoint(ctx, handler)
         try:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: endpoint, local_addr=(address.host, address.port)
+            transport = await open_datagram_endpoint(
+                endpoint,
+                address.host,
+                address.port,
+                max_datagram_bytes=self.config.udp_max_datagram_bytes,
+                receive_buffer_bytes=self.config.udp_receive_buffer_bytes,
             )
         except OSError as exc:
             raise ListenError(

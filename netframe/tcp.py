@@ -42,7 +42,7 @@ from netframe._endpoint import (
     format_peer,
     normalise_host,
 )
-from netframe.framing import Message
+from netframe.framing import LF, Message
 from netframe.handlers import Handler
 
 __all__ = ["TcpEndpoint"]
@@ -196,6 +196,8 @@ class TcpEndpoint(asyncio.Protocol):
         if self._closing:
             return
         ctx = self._ctx
+        if ctx.stopping:
+            data = self._finishing(data)
         now = self._seen = ctx.now
         if self._bare_timer is not None:
             self._bare_timer.cancel()
@@ -223,7 +225,10 @@ class TcpEndpoint(asyncio.Protocol):
             self.close_reason = "peer_closed"
         if self._framer.waiting_for_bare_flush and not self._closing:
             self._handle(self._framer.flush())
-        if self._busy() and not self._closing:
+        # A partial line can never finish now; queued and unparsed messages still can.
+        if (self._waiting is not None or self._pending or self._framer.unparsed) and (
+            not self._closing
+        ):
             self._eof = True
             return True  # keep the transport open until the queued messages are answered
         return False
@@ -340,12 +345,18 @@ class TcpEndpoint(asyncio.Protocol):
         self._close("server_shutdown")
         return True
 
+    def _finishing(self, data: bytes) -> bytes:
+        """While the server stops, only the bytes that finish the message in progress
+        are taken; a message that starts after the stop is not."""
+        if not self._framer.partial:
+            return b""
+        end = data.find(LF)
+        return data if end < 0 else data[: end + 1]
+
     def _busy(self) -> bool:
         """True while a message is under way: a partial one, an async call, queued ones."""
         framer = self._framer
-        return bool(
-            framer.partial or framer.unparsed or self._waiting is not None or self._pending
-        )
+        return bool(framer.partial or framer.unparsed or self._waiting is not None or self._pending)
 
     # -- deadlines ----------------------------------------------------------------------
 
@@ -528,8 +539,10 @@ class TcpEndpoint(asyncio.Protocol):
             self._dispatch(chunk)
         if not pending or len(pending) <= self._ctx.config.max_pending_messages // 2:
             self._resume_reading(_PAUSED_BY_QUEUE)
-        if self._eof and not self._busy() and not self._closing:
-            self._close(self.close_reason or "peer_closed")
+        if self._closing or self._waiting is not None or self._pending or framer.unparsed:
+            return
+        if self._eof or (self._ctx.stopping and not framer.partial):
+            self._close("server_shutdown" if self._ctx.stopping else "peer_closed")
 
     # -- async handlers -----------------------------------------------------------------
 

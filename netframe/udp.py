@@ -192,7 +192,10 @@ class UdpEndpoint(asyncio.DatagramProtocol):
             return
         transport = self._transport
         if transport is not None and not transport.is_closing():
-            transport.sendto(data, addr)
+            try:
+                transport.sendto(data, addr)
+            except BlockingIOError:  # a transport that does not queue: the buffer is full
+                self._drop("send_paused", addr)
 
     def prune(self) -> None:
         """Forget rate-limit state that no longer matters (called by the server's tick)."""

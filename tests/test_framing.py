@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import unittest.mock
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from netframe import framing
 from netframe.framing import AutoFramer, Framer, LineFramer, RawFramer, split_terminator
 
 LIMIT = 1024
@@ -151,3 +153,74 @@ def test_raw_chunk_over_the_limit_is_cut_into_pieces_of_the_limit() -> None:
     assert framer.feed(b"four") == [(b"four", b"")]
     assert framer.feed(b"fivesix") == [(b"five", b""), (b"six", b"")]
     assert not framer.overflow
+
+
+# -- property: under the limit, chunking never changes the messages or the error ---------
+
+SMALL_LIMIT = 16
+# Payloads around the limit, with "\r" inside as well as before the "\n".
+near_limit = st.lists(st.sampled_from([b"a", b"\r", b"\x00"]), max_size=SMALL_LIMIT + 3).map(
+    b"".join
+)
+limit_lines = st.lists(st.tuples(near_limit, st.sampled_from([b"\n", b"\r\n"])), max_size=12)
+
+
+def expected_under_limit(stream: bytes, limit: int) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """The messages a line framer must produce from ``stream``, and whether it overflows."""
+    *complete, partial = stream.split(b"\n")
+    messages = []
+    for line in complete:
+        payload, term = (line[:-1], b"\r\n") if line.endswith(b"\r") else (line, b"\n")
+        if len(payload) > limit:
+            return messages, True
+        messages.append((payload, term))
+    excess = len(partial) - limit
+    return messages, excess > 1 or (excess == 1 and not partial.endswith(b"\r"))
+
+
+def feed_and_pump(framer: Framer, chunks: list[bytes], limit: int) -> list[tuple[bytes, bytes]]:
+    """Feed every chunk, asking for unparsed lines as the endpoint does, checking the
+    framer never holds more than one unfinished line's worth of bytes."""
+    messages = []
+    for chunk in chunks:
+        messages += framer.feed(chunk)
+        while framer.unparsed:
+            messages += framer.feed(b"")
+        assert len(framer.partial) <= limit + 1
+    return messages
+
+
+@pytest.mark.parametrize("framer_class", [LineFramer, AutoFramer])
+@given(
+    body=limit_lines,
+    tail=near_limit,
+    cuts=st.lists(st.integers(0, 400), max_size=10),
+    batch=st.sampled_from([1, 2, 3, 1024]),
+)
+def test_any_chunking_gives_the_same_messages_and_the_same_overflow(
+    framer_class: type[LineFramer],
+    body: list[tuple[bytes, bytes]],
+    tail: bytes,
+    cuts: list[int],
+    batch: int,
+) -> None:
+    stream = b"".join(payload + term for payload, term in body) + tail
+    edges = [0, *sorted(c for c in cuts if c <= len(stream)), len(stream)]
+    chunks = [stream[a:b] for a, b in itertools.pairwise(edges)]
+    expected, overflows = expected_under_limit(stream, SMALL_LIMIT)
+    framer = framer_class(SMALL_LIMIT)
+    with unittest.mock.patch.object(framing, "MAX_BATCH", batch):
+        got = feed_and_pump(framer, chunks, SMALL_LIMIT)
+    assert got == expected
+    assert framer.overflow == overflows
+
+
+def test_a_read_of_many_lines_comes_out_in_batches() -> None:
+    framer = LineFramer(LIMIT)
+    first = framer.feed(b"x\n" * (framing.MAX_BATCH + 5) + b"part")
+    assert len(first) == framing.MAX_BATCH
+    assert framer.unparsed
+    assert not framer.partial
+    assert framer.feed(b"") == [(b"x", b"\n")] * 5
+    assert (framer.unparsed, framer.partial) == (b"", b"part")
+    assert framer.feed(b"ial\n") == [(b"partial", b"\n")]

@@ -1,0 +1,135 @@
+"""A UDP transport for the standard event loop that reads datagrams in batches.
+
+asyncio's own datagram transport reads one datagram per wake-up of the loop: under a
+flood the loop spends most of its time in ``select`` and a busy listener falls behind
+the kernel's receive buffer, which then drops legitimate datagrams along with the flood.
+This transport reads up to ``_BATCH`` datagrams per wake-up, reads each into a buffer one
+byte larger than the largest datagram answered (a longer one is cut short by the kernel
+and recognised as too large), and never queues a reply: when the socket's send buffer is
+full, ``sendto`` raises ``BlockingIOError`` and the reply is dropped, as the network would
+drop it. uvloop reads in batches already and keeps its own transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import Any, Final
+
+__all__ = ["open_datagram_endpoint"]
+
+#: Datagrams read per wake-up of the loop: enough to keep up with a flood, few enough
+#: that one busy listener cannot starve the rest of the loop.
+_BATCH: Final = 256
+
+
+class BatchedDatagramTransport(asyncio.DatagramTransport):
+    """A datagram transport over a bound, non-blocking socket (standard loop only)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        protocol: asyncio.DatagramProtocol,
+        read_size: int,
+    ) -> None:
+        super().__init__({"socket": sock, "sockname": sock.getsockname()})
+        self._loop = loop
+        self._sock = sock
+        self._protocol = protocol
+        self._read_size = read_size
+        self._closing = False
+        loop.add_reader(sock.fileno(), self._read_ready)
+        loop.call_soon(protocol.connection_made, self)
+
+    def _read_ready(self) -> None:
+        receive = self._sock.recvfrom
+        size = self._read_size
+        received = self._protocol.datagram_received
+        for _ in range(_BATCH):
+            try:
+                data, addr = receive(size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # an ICMP error for an earlier reply
+                self._protocol.error_received(exc)
+                return
+            received(data, addr)
+            if self._closing:
+                return
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        """Send one datagram now; ``BlockingIOError`` when the send buffer is full."""
+        if self._closing:
+            return
+        try:
+            self._sock.sendto(data, addr)
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            self._protocol.error_received(exc)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+        self._loop.call_soon(self._protocol.connection_lost, None)
+
+    def abort(self) -> None:
+        self.close()
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+async def open_datagram_endpoint(
+    protocol: asyncio.DatagramProtocol,
+    host: str,
+    port: int,
+    *,
+    max_datagram_bytes: int,
+    receive_buffer_bytes: int,
+) -> asyncio.DatagramTransport:
+    """Bind a UDP listener at ``host:port`` served by ``protocol``.
+
+    The socket's receive buffer is asked to be ``receive_buffer_bytes`` (past the
+    kernel's ``net.core.rmem_max`` only with privilege, as Unbound's ``so-rcvbuf`` does).
+    On the standard loop the transport is a :class:`BatchedDatagramTransport`; on any
+    other loop (uvloop) it is the loop's own, over the same socket.
+
+    Raises:
+        OSError: the address cannot be resolved or bound (the reason is the system's).
+    """
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    family, type_, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setblocking(False)
+        _ask_receive_buffer(sock, receive_buffer_bytes)
+        sock.bind(sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+        return BatchedDatagramTransport(loop, sock, protocol, max_datagram_bytes + 1)
+    transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
+    return transport
+
+
+def _ask_receive_buffer(sock: socket.socket, size: int) -> None:
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    if force is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+            return
+        except OSError:  # not privileged: the kernel's cap applies
+            pass
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)

@@ -1,0 +1,338 @@
+"""The TCP endpoint's protections and its handler contract, over real sockets on both loops.
+
+Timeouts here are short settings on a library server; every wait has a bound well above
+them, so the tests check what happens, never how fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from netframe import Connection, Handler, Server
+from netframe.testing import serving
+
+pytestmark = pytest.mark.timeout(60)
+
+TCP_ONLY: dict[str, Any] = {"tcp": ["127.0.0.1:0"], "udp": []}
+
+
+async def connect(server: Server) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(*server.address("tcp"))
+
+
+async def read_until_closed(reader: asyncio.StreamReader, bound_s: float = 15) -> bytes:
+    return await asyncio.wait_for(reader.read(), bound_s)
+
+
+async def wait_until(condition: Any, bound_s: float = 15) -> None:
+    """Poll ``condition()`` until it holds; fail after ``bound_s``."""
+    deadline = time.monotonic() + bound_s
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        await asyncio.sleep(0.02)
+
+
+def closed_reasons(logs: list[dict[str, Any]]) -> list[str]:
+    return [e["reason"] for e in logs if e["event"] == "connection_closed"]
+
+
+# -- deadlines ---------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_an_idle_connection_is_closed_at_the_idle_timeout_with_its_reason() -> None:
+    with capture_logs() as logs:
+        async with serving(idle_timeout_s=0.5, framing="line", **TCP_ONLY) as server:
+            reader, writer = await connect(server)
+            started = time.monotonic()
+            assert await read_until_closed(reader) == b"Welcome!\n"
+            assert time.monotonic() - started >= 0.5  # never early
+            writer.close()
+    assert closed_reasons(logs) == ["idle_timeout"]
+
+
+@pytest.mark.asyncio
+async def test_traffic_keeps_a_connection_open_past_the_idle_timeout() -> None:
+    async with serving(idle_timeout_s=0.6, framing="line", **TCP_ONLY) as server:
+        reader, writer = await connect(server)
+        await reader.readexactly(len(b"Welcome!\n"))
+        for i in range(6):  # 1.2 s of traffic, twice the idle timeout
+            writer.write(b"n%d\n" % i)
+            assert await asyncio.wait_for(reader.readline(), 10) == b"Hello, n%d!\n" % i
+            await asyncio.sleep(0.2)
+        writer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_trickled_message_is_cut_off_at_its_deadline_not_kept_alive_by_bytes() -> None:
+    with capture_logs() as logs:
+        async with serving(message_timeout_s=0.8, framing="line", **TCP_ONLY) as server:
+            reader, writer = await connect(server)
+            await reader.readexactly(len(b"Welcome!\n"))
+            started = time.monotonic()
+            for _ in range(40):  # a byte every 0.1 s: far longer than the deadline
+                if reader.at_eof() or writer.is_closing():
+                    break
+                writer.write(b"x")
+                await asyncio.sleep(0.1)
+                if reader._buffer:  # type: ignore[attr-defined]  # the reply has come
+                    break
+            assert await read_until_closed(reader) == b"Error: message timed out\n"
+            assert 0.8 <= time.monotonic() - started < 4
+            writer.close()
+    assert closed_reasons(logs) == ["message_timeout"]
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["message_timeout"]
+
+
+@pytest.mark.asyncio
+async def test_complete_lines_with_a_partial_one_behind_each_never_time_out() -> None:
+    # A client streaming lines where every read ends inside the next line has a message
+    # under way all the time, but never the same one for long.
+    async with serving(message_timeout_s=0.5, framing="line", **TCP_ONLY) as server:
+        reader, writer = await connect(server)
+        await reader.readexactly(len(b"Welcome!\n"))
+        writer.write(b"a")
+        for i in range(8):
+            await asyncio.sleep(0.15)
+            writer.write(b"%d\na" % i)
+            assert await asyncio.wait_for(reader.readline(), 10) == b"Hello, a%d!\n" % i
+        writer.close()
+        await asyncio.wait_for(reader.read(), 10)  # gone before the stop: no drain to wait for
+
+
+@pytest.mark.asyncio
+async def test_a_client_that_never_reads_is_aborted_at_the_send_timeout() -> None:
+    with capture_logs() as logs:
+        async with serving(
+            send_timeout_s=0.5, write_buffer_high_bytes=4096, write_buffer_low_bytes=1024,
+            handler="echo", framing="raw", **TCP_ONLY,
+        ) as server:  # fmt: skip
+            _, writer = await connect(server)
+            writer.transport.set_write_buffer_limits(high=1 << 30)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            chunk = b"x" * 65536
+            for _ in range(400):  # at most 26 MB; the server stops reading long before
+                writer.write(chunk)
+                await asyncio.sleep(0.005)
+                if server.connections == 0:
+                    break
+            await wait_until(lambda: server.connections == 0)
+            writer.transport.abort()
+    assert closed_reasons(logs) == ["send_timeout"]
+
+
+# -- caps --------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_over_the_connection_cap_a_client_is_told_and_capacity_returns() -> None:
+    with capture_logs() as logs:
+        async with serving(max_connections=2, framing="line", **TCP_ONLY) as server:
+            first, second = await connect(server), await connect(server)
+            for reader, _ in (first, second):
+                await reader.readexactly(len(b"Welcome!\n"))
+            refused, refused_writer = await connect(server)
+            assert await read_until_closed(refused) == b"Error: too many connections\n"
+            first[1].close()
+            await wait_until(lambda: server.connections == 1)
+            again, again_writer = await connect(server)
+            assert await again.readexactly(len(b"Welcome!\n")) == b"Welcome!\n"
+            for writer in (second[1], refused_writer, again_writer):
+                writer.close()
+    refusals = [e for e in logs if e["event"] == "connections_refused"]
+    assert [(e["reason"], e["refused"]) for e in refusals] == [("max_connections", 1)]
+
+
+@pytest.mark.asyncio
+async def test_the_per_address_cap_counts_each_address_apart() -> None:
+    async with serving(max_per_ip=1, framing="line", **TCP_ONLY) as server:
+        host, port = server.address("tcp")
+        one = await asyncio.open_connection(host, port, local_addr=("127.0.0.2", 0))
+        two = await asyncio.open_connection(host, port, local_addr=("127.0.0.3", 0))
+        for reader, _ in (one, two):
+            assert await reader.readexactly(9) == b"Welcome!\n"
+        extra, extra_writer = await asyncio.open_connection(host, port, local_addr=("127.0.0.2", 0))
+        expected = b"Error: too many connections from your address\n"
+        assert await read_until_closed(extra) == expected
+        for writer in (one[1], two[1], extra_writer):
+            writer.close()
+
+
+# -- async handlers ----------------------------------------------------------------------
+
+
+class CancelledLookup(Handler):
+    """``slow`` awaits a lookup that another task cancels."""
+
+    async def on_message(self, conn: Connection, message: str) -> None:
+        if message == "slow":
+            lookup = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_later(0.05, lookup.cancel)
+            await lookup
+        conn.send(message.upper())
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_await_closes_the_connection_after_earlier_replies() -> None:
+    with capture_logs() as logs:
+        async with serving(handler=CancelledLookup, framing="line", **TCP_ONLY) as server:
+            reader, writer = await connect(server)
+            writer.write(b"one\nslow\nthree\n")
+            assert await read_until_closed(reader) == b"ONE\n"
+            other_reader, other_writer = await connect(server)
+            other_writer.write(b"still\n")
+            assert await asyncio.wait_for(other_reader.readline(), 10) == b"STILL\n"
+            writer.close()
+            other_writer.close()
+    errors = [e for e in logs if e["event"] == "handler_error"]
+    assert [(e["hook"], e["error"]) for e in errors] == [("on_message", "an await was cancelled")]
+
+
+class AsyncUpper(Handler):
+    async def on_message(self, conn: Connection, message: str) -> None:
+        await asyncio.sleep(0.01)
+        conn.send(message.upper())
+
+
+@pytest.mark.asyncio
+async def test_an_overlong_line_behind_async_calls_is_refused_after_them() -> None:
+    async with serving(handler=AsyncUpper, framing="line", max_line_bytes=8, **TCP_ONLY) as srv:
+        reader, writer = await connect(srv)
+        writer.write(b"a\nb\n" + b"x" * 20 + b"\nnever\n")
+        expected = b"A\nB\nError: line exceeds 8 bytes\n"
+        assert await read_until_closed(reader) == expected
+        writer.close()
+
+
+class SlowGreeting(Handler):
+    """Greets only after an awaited lookup; says goodbye asynchronously too."""
+
+    goodbyes: list[int]
+
+    async def on_connect(self, conn: Connection) -> None:
+        await asyncio.sleep(0.05)
+        conn.send("Welcome, after a lookup")
+
+    def on_message(self, conn: Connection, message: str) -> None:
+        conn.send(f"Hello, {message}!")
+
+    async def on_disconnect(self, conn: Connection) -> None:
+        await asyncio.sleep(0.05)
+        SlowGreeting.goodbyes.append(conn.id)
+
+
+@pytest.mark.asyncio
+async def test_async_on_connect_greets_before_any_reply_and_on_disconnect_runs() -> None:
+    SlowGreeting.goodbyes = []
+    async with serving(handler=SlowGreeting, framing="line", **TCP_ONLY) as server:
+        reader, writer = await connect(server)
+        writer.write(b"Bob\n")  # sent before the greeting exists
+        assert await asyncio.wait_for(reader.readline(), 10) == b"Welcome, after a lookup\n"
+        assert await asyncio.wait_for(reader.readline(), 10) == b"Hello, Bob!\n"
+        writer.close()
+    assert len(SlowGreeting.goodbyes) == 1  # the stopping server waited for it
+
+
+# -- graceful shutdown -------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_shutdown_lets_a_partial_line_finish_and_closes_idle_clients_at_once() -> None:
+    with capture_logs() as logs:
+        server = Server(framing="line", shutdown_timeout_s=10, **TCP_ONLY)
+        await server.start()
+        idle_reader, idle_writer = await connect(server)
+        busy_reader, busy_writer = await connect(server)
+        for reader in (idle_reader, busy_reader):
+            await reader.readexactly(9)
+        busy_writer.write(b"Bo")
+        await asyncio.sleep(0.1)
+        closing = asyncio.create_task(server.close())
+        assert await read_until_closed(idle_reader) == b""
+        await asyncio.sleep(0.2)
+        assert not closing.done()  # still waiting for the partial line
+        busy_writer.write(b"b\nignored\n")
+        assert await read_until_closed(busy_reader) == b"Hello, Bob!\n"
+        await asyncio.wait_for(closing, 10)
+        for writer in (idle_writer, busy_writer):
+            writer.close()
+    started = next(e for e in logs if e["event"] == "shutdown_started")
+    finished = next(e for e in logs if e["event"] == "shutdown_finished")
+    assert (started["connections"], started["idle_closed"], started["draining"]) == (2, 1, 1)
+    assert (finished["closed"], finished["aborted"]) == (2, 0)
+
+
+class GatedUpper(Handler):
+    """An async handler whose first call waits until the test opens the gate."""
+
+    started: asyncio.Event
+    gate: asyncio.Event
+
+    async def on_message(self, conn: Connection, message: str) -> None:
+        GatedUpper.started.set()
+        await GatedUpper.gate.wait()
+        conn.send(message.upper())
+
+
+@pytest.mark.asyncio
+async def test_shutdown_waits_for_an_async_call_in_flight_and_sends_its_reply() -> None:
+    GatedUpper.started, GatedUpper.gate = asyncio.Event(), asyncio.Event()
+    server = Server(handler=GatedUpper, framing="line", **TCP_ONLY)
+    await server.start()
+    reader, writer = await connect(server)
+    writer.write(b"a\nb\nc\n")
+    await asyncio.wait_for(GatedUpper.started.wait(), 10)
+    closing = asyncio.create_task(server.close())
+    await asyncio.sleep(0.2)
+    assert not closing.done()
+    GatedUpper.gate.set()
+    assert await read_until_closed(reader) == b"A\nB\nC\n"
+    await asyncio.wait_for(closing, 10)
+    writer.close()
+
+
+@pytest.mark.asyncio
+async def test_shutdown_aborts_what_is_still_busy_at_the_deadline() -> None:
+    with capture_logs() as logs:
+        async with serving(framing="line", shutdown_timeout_s=0.3, **TCP_ONLY) as server:
+            reader, writer = await connect(server)
+            writer.write(b"never finished")
+            await asyncio.sleep(0.1)
+    assert b"Hello" not in await read_until_closed(reader)
+    writer.close()
+    finished = next(e for e in logs if e["event"] == "shutdown_finished")
+    assert finished["aborted"] == 1
+
+
+def test_stop_works_from_another_thread_and_from_a_signal_handler(loop_name: str) -> None:
+    from conftest import LOOPS
+
+    async def main(trigger: str) -> float:
+        server = Server(**TCP_ONLY)
+        await server.start()
+        if trigger == "thread":
+            threading.Timer(0.2, server.stop).start()
+        else:
+            previous = signal.signal(signal.SIGUSR1, lambda *_: server.stop())
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(server.serve_forever(), 10)
+        finally:
+            if trigger == "signal":
+                signal.signal(signal.SIGUSR1, previous)
+        return time.monotonic() - started
+
+    for trigger in ("thread", "signal"):
+        with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
+            assert runner.run(main(trigger)) < 5  # prompt: no unrelated timer needed
