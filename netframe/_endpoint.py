@@ -17,7 +17,8 @@ from netframe.limits import DeadlineWheel, EventSummary
 __all__ = ["TICK_S", "EndpointContext", "error_reply", "format_peer", "normalise_host"]
 
 #: How often the server advances its coarse clock and looks at due deadlines. Timeouts
-#: fire up to two ticks late, never early; the hot path reads the clock as an attribute.
+#: fire up to about three ticks late (a stamp a tick old, a tick of slack, the slot),
+#: never early; the hot path reads the clock as an attribute.
 TICK_S: Final = 0.1
 #: Repeated warnings (refused connections, dropped datagrams) are summarised at most this
 #: often per kind, so a flood cannot become a flood of log lines.

@@ -14,7 +14,7 @@ import ipaddress
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 if TYPE_CHECKING:
     from netframe.handlers import Handler
@@ -207,6 +207,8 @@ class Setting:
             if not math.isfinite(value) or value < 0 or (value == 0 and kind == "seconds"):
                 least = "0 (off) or more" if kind == "seconds0" else "more than 0"
                 raise ConfigError(f"{name} must be {least} seconds, not {value!r}")
+            if value > MAX_SECONDS:
+                raise ConfigError(f"{name} must be at most a year, not {value!r}")
         elif kind == "ports":
             for port in value:
                 if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
@@ -225,6 +227,10 @@ def _whole(text: str, lowest: int, upper: float) -> int:
     return value
 
 
+#: The longest time any setting may be (a year): longer is a typo, and clocks overflow.
+MAX_SECONDS: Final = 365 * 24 * 3600.0
+
+
 def _seconds(text: str, *, allow_zero: bool) -> float:
     try:
         value = float(text)
@@ -233,6 +239,8 @@ def _seconds(text: str, *, allow_zero: bool) -> float:
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         least = "0 (off) or more" if allow_zero else "more than 0"
         raise ConfigError(f"{text!r} must be {least} seconds")
+    if value > MAX_SECONDS:
+        raise ConfigError(f"{text!r} must be at most {MAX_SECONDS:g} seconds (a year)")
     return value
 
 
@@ -445,7 +453,10 @@ class Config:
         if not (isinstance(self.handler, str) or callable(self.handler)):
             raise ConfigError(f"handler must be a name or a callable, not {self.handler!r}")
         if self.write_buffer_low_bytes > self.write_buffer_high_bytes:
-            raise ConfigError("write_buffer_low_bytes must not be above write_buffer_high_bytes")
+            raise ConfigError(
+                "write_buffer_low_bytes (--write-buffer-low) must not be above "
+                "write_buffer_high_bytes (--write-buffer)"
+            )
 
     def replace(self, **changes: Any) -> Config:
         """Return a copy with ``changes`` applied and validated again."""
@@ -491,6 +502,7 @@ def settings_markdown() -> str:
     ]
     for name, setting in _SETTINGS.items():
         flag = setting.flag + (f" {setting.metavar}" if setting.metavar else "")
+        flag = flag.replace("|", "\\|")  # a pipe would end the table cell
         rows.append(
             f"| `{name}` | `{flag}` | {default_text(name)} | {setting.help} | {setting.why} |"
         )
@@ -501,7 +513,3 @@ def _choice(name: str, value: object, allowed: Sequence[object]) -> None:
     if value not in allowed:
         choices = ", ".join(map(str, allowed))
         raise ConfigError(f"{name} must be one of {choices}, not {value!r}")
-
-
-if __name__ == "__main__":
-    print(settings_markdown(), end="")

@@ -117,13 +117,17 @@ class RawFramer:
         self.waiting_for_bare_flush = False
 
     def feed(self, data: bytes) -> list[Message]:
-        size = self.max_bytes
-        if len(data) <= size:
+        if len(data) <= self.max_bytes:
             return [(data, NONE)] if data else []
-        return [(data[i : i + size], NONE) for i in range(0, len(data), size)]
+        return _pieces(data, self.max_bytes)
 
     def flush(self) -> list[Message]:
         return []
+
+
+def _pieces(data: bytes, size: int) -> list[Message]:
+    """``data`` as bare messages of at most ``size`` bytes."""
+    return [(data[i : i + size], NONE) for i in range(0, len(data), size)]
 
 
 class LineFramer:
@@ -222,8 +226,10 @@ class AutoFramer(LineFramer):
             self._state = _LINES
             self.waiting_for_bare_flush = False
             return super().feed(data)
-        if state == _BARE:
-            return [(data, NONE)] if data else []
+        if state == _BARE:  # every read is a message, as in raw, capped the same way
+            if len(data) <= self.max_line_bytes:
+                return [(data, NONE)] if data else []
+            return _pieces(data, self.max_line_bytes)
         messages = super().feed(data)  # undecided: hold the bytes, within the line limit
         self.waiting_for_bare_flush = bool(self.partial)
         return messages

@@ -92,7 +92,7 @@ class SourceRateLimiter:
     not fit.
     """
 
-    __slots__ = ("_buckets", "_burst", "_full_after", "_max_sources", "_rate")
+    __slots__ = ("_buckets", "_burst", "_full_after", "_max_sources", "_pruned", "_rate")
 
     def __init__(self, rate: float, burst: float, max_sources: int) -> None:
         self._rate = rate
@@ -101,6 +101,7 @@ class SourceRateLimiter:
         # How long an emptied bucket takes to fill again.
         self._full_after = burst / rate
         self._buckets: dict[Hashable, list[float]] = {}
+        self._pruned = -math.inf
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -109,6 +110,11 @@ class SourceRateLimiter:
         """Take one token from ``source``'s bucket; False when it has none."""
         bucket = self._buckets.get(source)
         if bucket is None:
+            if len(self._buckets) >= self._max_sources and now - self._pruned >= _PRUNE_EVERY_S:
+                # Full: forget the refilled sources first (a forged flood's one-offs),
+                # at most once a short while, so new real sources get their own bucket.
+                self._pruned = now
+                self.prune(now)
             if len(self._buckets) >= self._max_sources:
                 source = _OVERFLOW
                 bucket = self._buckets.get(_OVERFLOW)
@@ -140,6 +146,8 @@ class SourceRateLimiter:
 
 # The shared bucket of sources that did not fit in the table.
 _OVERFLOW: Final = ("overflow",)
+# A full table is pruned on demand at most this often (a prune walks the whole table).
+_PRUNE_EVERY_S: Final = 0.1
 
 
 class EventSummary:

@@ -66,6 +66,9 @@ class LineWriter:
         self._dropped_full = 0  # event-loop side: the queue was full
         self._dropped_failed = 0  # writer side: the write failed
         self._reported = 0
+        # True while the writer thread queues its own report of dropped lines, which
+        # must not be dropped itself for want of room.
+        self._reporting = False
         self.on_recovered: Any = None
         self._thread = threading.Thread(target=self._run, name="netframe-log", daemon=True)
         self._thread.start()
@@ -77,7 +80,7 @@ class LineWriter:
 
     def msg(self, message: str) -> None:
         """Queue one rendered line (never blocks)."""
-        if len(self._lines) >= self._max_lines:
+        if len(self._lines) >= self._max_lines and not self._reporting:
             self._dropped_full += 1
             return
         self._idle.clear()
@@ -90,7 +93,17 @@ class LineWriter:
 
     def flush(self, timeout_s: float = 2.0) -> bool:
         """Wait up to ``timeout_s`` for queued lines to be written; True when they were."""
-        return self._idle.wait(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while not (self._idle.is_set() and not self._lines):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            # The writer may mark itself idle in the instant a line is queued: check the
+            # queue too, and poll briefly rather than trust the event alone.
+            self._idle.wait(min(remaining, 0.01))
+            if self._idle.is_set() and self._lines:
+                time.sleep(0.001)
+        return True
 
     def stop(self, timeout_s: float = 2.0) -> None:
         """Write what is queued (within ``timeout_s``) and end the thread."""
@@ -115,7 +128,11 @@ class LineWriter:
                 dropped = self.dropped - self._reported
                 if dropped and self.on_recovered is not None:
                     self._reported += dropped
-                    self.on_recovered(dropped)
+                    self._reporting = True
+                    try:
+                        self.on_recovered(dropped)
+                    finally:
+                        self._reporting = False
             if not lines:
                 self._idle.set()
 

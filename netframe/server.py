@@ -97,7 +97,8 @@ class Server:
         self._ticks = 0
         # Events bind to a loop on first wait (3.10+), so this may be made before one runs.
         self._stop_requested = asyncio.Event()
-        self._stopped = False
+        self._stopped = False  # close() has begun
+        self._closed = False  # close() has finished
 
     @property
     def addresses(self) -> list[BoundAddress]:
@@ -207,13 +208,16 @@ class Server:
             idle_closed=idle,
             draining=len(at_stop) - idle,
         )
-        if ctx.connections:
-            ctx.all_closed = asyncio.Event()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ctx.all_closed.wait(), deadline - loop.time())
-        aborted = len(ctx.connections)
-        for conn in list(ctx.connections):
-            conn.abort()
+        aborted = 0
+        try:
+            if ctx.connections:
+                ctx.all_closed = asyncio.Event()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ctx.all_closed.wait(), deadline - loop.time())
+        finally:  # also when the stop itself is cancelled: nothing is left behind
+            aborted = len(ctx.connections)
+            for conn in list(ctx.connections):
+                conn.abort()
         await asyncio.sleep(0)  # let the aborted connections' connection_lost run
         if ctx.background:  # async on_disconnect hooks, within what is left of the grace
             _, late = await asyncio.wait(ctx.background, timeout=max(0, deadline - loop.time()))
@@ -223,11 +227,10 @@ class Server:
             # On 3.12+ this also waits for connections; ours are all closed by now.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), max(0.1, deadline - loop.time()))
+        self._closed = True
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         self._tick()  # log the refusal and drop counts still waiting
-        if self._tick_handle is not None:
-            self._tick_handle.cancel()
         self._log.info(
             "shutdown_finished",
             closed=len(at_stop) - aborted,
@@ -269,10 +272,26 @@ class Server:
         self._ticks += 1
         for endpoint in self._udp_endpoints:
             endpoint.flush_summaries()
-            if self._ticks % 10 == 0:
+        if self._ticks % 10 == 0:  # once a second
+            for endpoint in self._udp_endpoints:
                 endpoint.prune()
-        if not self._stopped:
+            self._probe_descriptors()
+        if not self._closed:  # deadlines keep running while a stop drains
             self._tick_handle = loop.call_later(TICK_S, self._tick)
+
+    def _probe_descriptors(self) -> None:
+        """Log, once a second while it lasts, that the process is out of descriptors.
+
+        uvloop's accept closes connections it cannot take without telling us (libuv's
+        own spare-descriptor trick), so this probe is the only sign of it there; on the
+        standard loop the guarded accept also counts the connections it refused.
+        """
+        spare = _open_spare()
+        if spare is not None:
+            os.close(spare)
+            return
+        connections = len(self._ctx.connections) if self._ctx else 0
+        self._log.warning("file_descriptors_exhausted", connections=connections)
 
     def _connection_cap(self) -> int:
         """``max_connections`` as it can be honoured under the open-file limit."""
@@ -286,8 +305,12 @@ class Server:
             return wanted or budget
         # Asked for more than the soft limit allows: raise it, as far as the hard limit
         # lets us (nginx's worker_rlimit_nofile does the same by hand).
-        raised = _raise_open_file_limit(soft + wanted - budget, hard)
-        budget = connection_budget(raised, _descriptors_in_use())
+        in_use = _descriptors_in_use()
+        needed = soft
+        while connection_budget(needed, in_use) < wanted:
+            needed += wanted - connection_budget(needed, in_use)
+        raised = _raise_open_file_limit(needed, hard)
+        budget = connection_budget(raised, in_use)
         if wanted <= budget:
             return wanted
         self._log.warning(
@@ -396,7 +419,9 @@ class _GuardedListener(socket.socket):
 
     def _shed(self) -> bool:
         if self._spare is None:
-            return False
+            self._spare = _open_spare()  # a descriptor may have come free since
+            if self._spare is None:
+                return False
         os.close(self._spare)
         self._spare = None
         try:
@@ -472,8 +497,10 @@ def _raise_open_file_limit(wanted: int, hard: int) -> int:
     import resource
 
     new = min(wanted, hard)
+    # The hard limit is passed on as it is (RLIM_INFINITY included), never lowered.
+    _, hard_as_is = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard_as_is))
     except (ValueError, OSError):
         return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return new

@@ -100,6 +100,7 @@ class TcpEndpoint(asyncio.Protocol):
         "_transport",
         "_undecodable",
         "_waiting",
+        "_waiting_hook",
         "_writes_paused",
         "bytes_in",
         "bytes_out",
@@ -129,6 +130,7 @@ class TcpEndpoint(asyncio.Protocol):
         # The handler's async call in flight, the task awaiting it, and the messages not
         # handled yet (behind an async call, or held while the peer does not read).
         self._waiting: Awaitable[None] | None = None
+        self._waiting_hook = "on_message"
         self._task: asyncio.Task[None] | None = None
         self._pending: collections.deque[Message] | None = None
         self._undecodable = 0
@@ -155,7 +157,8 @@ class TcpEndpoint(asyncio.Protocol):
         ctx = self._ctx
         # uvloop transports implement the interface without subclassing it.
         self._transport = transport = cast(asyncio.Transport, transport)
-        self._started = time.monotonic()
+        if ctx.info:  # only the logged duration needs a fine clock
+            self._started = time.monotonic()
         if ctx.stopping:
             self._closing = True
             transport.close()
@@ -175,7 +178,9 @@ class TcpEndpoint(asyncio.Protocol):
             high=ctx.config.write_buffer_high_bytes, low=ctx.config.write_buffer_low_bytes
         )
         ctx.connections.add(self)
-        self._schedule_check()
+        if ctx.config.idle_timeout_s:
+            self._check_at = when = ctx.now + ctx.config.idle_timeout_s + TICK_S
+            ctx.wheel.schedule(self, when)
         if ctx.info:
             self.log.info("connection_opened")
         self._batch = []
@@ -188,7 +193,7 @@ class TcpEndpoint(asyncio.Protocol):
             self._handler_failed("handler_factory" if self._handler is None else "on_connect")
         else:
             if result is not None:
-                self._await(result)
+                self._await(result, "on_connect")
         self._dispatch(())  # writes the greeting
 
     def data_received(self, data: bytes) -> None:
@@ -216,7 +221,16 @@ class TcpEndpoint(asyncio.Protocol):
             self._message_started = 0.0
         if framer.overflow:
             messages = [*messages, _OVERFLOW]
-        self._handle(messages)
+        elif framer.waiting_for_bare_flush:
+            delay = ctx.config.bare_message_delay_s
+            self._bare_timer = asyncio.get_running_loop().call_later(delay, self._bare_flush)
+        # _handle, inlined: this is the path of every read.
+        if self._pending or self._waiting is not None or self._writes_paused:
+            self._queue(messages)
+            return
+        self._dispatch(messages)
+        if framer.unparsed:
+            self._pump()
 
     def eof_received(self) -> bool:
         # The peer finished sending. Bytes an `auto` framer holds as a possible bare
@@ -290,7 +304,8 @@ class TcpEndpoint(asyncio.Protocol):
         self._paused_at = 0.0
         self._seen = self._ctx.now
         self._pump()
-        self._resume_reading(_PAUSED_BY_WRITES)
+        if not self._writes_paused:  # _pump's writes may have filled the buffer again
+            self._resume_reading(_PAUSED_BY_WRITES)
 
     # -- Connection, as the handler sees it ---------------------------------------------
 
@@ -381,11 +396,19 @@ class TcpEndpoint(asyncio.Protocol):
             return self._closed_at + linger + TICK_S
         if config.idle_timeout_s:
             deadline = self._seen + config.idle_timeout_s + TICK_S
-        if self._message_started and config.message_timeout_s:
+        if self._message_running() and config.message_timeout_s:
             deadline = min(deadline, self._message_started + config.message_timeout_s + TICK_S)
         if self._writes_paused and config.send_timeout_s:
             deadline = min(deadline, self._paused_at + config.send_timeout_s + TICK_S)
         return deadline
+
+    def _message_running(self) -> bool:
+        """A message has begun and the client can finish it: its clock is running.
+
+        While the server itself has stopped reading (writes or queued messages hold it
+        up), the client cannot finish anything; the clock restarts when reading does.
+        """
+        return bool(self._message_started and self._framer.partial and not self._pause_reasons)
 
     def check_deadlines(self, now: float) -> None:
         """Called by the server when this connection's check comes due."""
@@ -404,7 +427,7 @@ class TcpEndpoint(asyncio.Protocol):
             self.log.warning("send_timeout", send_timeout_s=config.send_timeout_s)
             self._abort("send_timeout")
         elif (
-            self._message_started
+            self._message_running()
             and config.message_timeout_s
             and (self._message_started + config.message_timeout_s + TICK_S <= now)
         ):
@@ -470,26 +493,32 @@ class TcpEndpoint(asyncio.Protocol):
                     if self._writes_paused:
                         self._requeue(rest)
                         break
-        self._flush()
+        batch = self._batch
         self._batch = None
+        transport = self._transport
+        if batch and transport is not None:  # _flush, inlined
+            data = batch[0] if len(batch) == 1 else b"".join(batch)
+            self.bytes_out += len(data)
+            self._seen = self._ctx.now
+            transport.write(data)
         if self._closing:
-            if self._transport is not None:
-                self._transport.close()
+            self._close_transport()
         elif self._ctx.stopping and not self._busy():
             self._close("server_shutdown")
-        elif self._framer.waiting_for_bare_flush and self._bare_timer is None:
-            delay = self._ctx.config.bare_message_delay_s
-            self._bare_timer = asyncio.get_running_loop().call_later(delay, self._bare_flush)
 
     def _flush(self) -> None:
+        """Write the batch so far (every ``_BATCH_FLUSH`` replies within one read)."""
         batch = self._batch
         transport = self._transport
         if not batch or transport is None:
             return
-        data = batch[0] if len(batch) == 1 else b"".join(batch)
+        if transport.is_closing():  # the peer reset: nothing more is worth handling
+            self._closing = True
+            batch.clear()
+            return
+        data = b"".join(batch)
         batch.clear()
         self.bytes_out += len(data)
-        self._seen = self._ctx.now
         transport.write(data)
 
     def _write(self, data: bytes) -> None:
@@ -502,6 +531,7 @@ class TcpEndpoint(asyncio.Protocol):
     def _bare_flush(self) -> None:
         self._bare_timer = None
         if not self._closing:
+            self._message_started = 0.0  # the waiting bytes are a whole message now
             self._handle(self._framer.flush())
 
     def _queue(self, messages: list[Message]) -> None:
@@ -537,6 +567,7 @@ class TcpEndpoint(asyncio.Protocol):
             else:
                 break
             self._dispatch(chunk)
+            pending = self._pending  # _dispatch may have made the queue
         if not pending or len(pending) <= self._ctx.config.max_pending_messages // 2:
             self._resume_reading(_PAUSED_BY_QUEUE)
         if self._closing or self._waiting is not None or self._pending or framer.unparsed:
@@ -546,8 +577,9 @@ class TcpEndpoint(asyncio.Protocol):
 
     # -- async handlers -----------------------------------------------------------------
 
-    def _await(self, awaitable: Awaitable[None]) -> None:
+    def _await(self, awaitable: Awaitable[None], hook: str = "on_message") -> None:
         self._waiting = awaitable
+        self._waiting_hook = hook
         if self._task is None:
             self._task = asyncio.ensure_future(self._run_async())
 
@@ -568,10 +600,10 @@ class TcpEndpoint(asyncio.Protocol):
                     task = asyncio.current_task()
                     if task is not None and task.cancelling():
                         raise
-                    self._handler_failed("on_message", cancelled=True)
+                    self._handler_failed(self._waiting_hook, cancelled=True)
                     break
                 except Exception:
-                    self._handler_failed("on_message")
+                    self._handler_failed(self._waiting_hook)
                     break
                 self._waiting = None
                 self._pump()
@@ -641,10 +673,16 @@ class TcpEndpoint(asyncio.Protocol):
         if self.close_reason in (None, "peer_closed"):
             self.close_reason = reason
         self._closed_at = self._ctx.now
-        if self._registered:
+        if self._batch is None:  # else _dispatch closes once the batch is written
+            self._close_transport()
+
+    def _close_transport(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        if self._registered and transport.get_write_buffer_size():
             self._schedule_check()  # a peer that never reads must not hold the close open
-        if self._batch is None and self._transport is not None:
-            self._transport.close()
+        transport.close()
 
     def _abort(self, reason: str) -> None:
         self._closing = True
@@ -666,3 +704,5 @@ class TcpEndpoint(asyncio.Protocol):
         self._pause_reasons &= ~reason
         if not self._pause_reasons and self._transport is not None and not self._closing:
             self._transport.resume_reading()
+            if self._message_started:  # the client could not send while we did not read
+                self._message_started = self._ctx.now

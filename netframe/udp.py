@@ -145,7 +145,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
             payload, terminator = split_terminator(data)
         else:
             payload, terminator = data, b""
-        if not payload.strip():
+        if not payload or payload.isspace():
             self._drop("empty", addr)
             return
         if ctx.debug:

@@ -69,6 +69,7 @@ def test_address_str_round_trips() -> None:
         ({"max_line_bytes": 1.5}, "max_line_bytes must be a whole number"),
         ({"idle_timeout_s": -1}, "idle_timeout_s must be 0 \\(off\\) or more"),
         ({"max_connections": 0}, "max_connections must be at least 1"),
+        ({"idle_timeout_s": 1e308}, "idle_timeout_s must be at most a year"),
         ({"udp_allow_ports": [0]}, "udp_allow_ports must hold ports"),
         ({"write_buffer_low_bytes": 10**9}, "write_buffer_low_bytes"),
         ({"tcp": [], "udp": []}, "no listeners"),

@@ -13,10 +13,14 @@ from pathlib import Path
 import pytest
 from conftest import CliServer
 
+from netframe.config import settings_markdown
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "docs" / "examples"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"```(\w*)\n(.*?)```", re.DOTALL)
+TABLE_START = "<!-- settings-table:start -->\n"
+TABLE_END = "<!-- settings-table:end -->"
 
 
 def code_blocks(path: Path) -> list[tuple[str, str]]:
@@ -28,6 +32,19 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second() -> None:
     assert blocks[0] == 'pip install ".[uvloop]" && python -m netframe serve'
     assert blocks[1] == 'pip install -e ".[test]" && python -m pytest'
     assert blocks[1] in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_the_settings_table_in_operations_md_is_the_generated_one() -> None:
+    text = (ROOT / "docs" / "operations.md").read_text()
+    _, start, rest = text.partition(TABLE_START)
+    table, end, _ = rest.partition(TABLE_END)
+    assert start, "docs/operations.md has lost its settings-table:start marker line"
+    assert end, "docs/operations.md has lost its settings-table:end marker line"
+    assert table == settings_markdown(), (
+        "the settings table in docs/operations.md differs from netframe/config.py: "
+        "regenerate it with netframe.config.settings_markdown() (see the command in the "
+        "page) and paste the output between the settings-table marker lines"
+    )
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)

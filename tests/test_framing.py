@@ -8,6 +8,7 @@ import unittest.mock
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from netframe import framing
 from netframe.framing import AutoFramer, Framer, LineFramer, RawFramer, split_terminator
@@ -224,3 +225,42 @@ def test_a_read_of_many_lines_comes_out_in_batches() -> None:
     assert framer.feed(b"") == [(b"x", b"\n")] * 5
     assert (framer.unparsed, framer.partial) == (b"", b"part")
     assert framer.feed(b"ial\n") == [(b"partial", b"\n")]
+
+
+class LineFramerUnderLimit(RuleBasedStateMachine):
+    """Random feeds and pumps of a line framer, checked against the whole-stream model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Small batches, so that pumping the unparsed lines is part of the game.
+        self._small_batches = unittest.mock.patch.object(framing, "MAX_BATCH", 2)
+        self._small_batches.start()
+        self.framer = LineFramer(SMALL_LIMIT)
+        self.stream = b""
+        self.messages: list[tuple[bytes, bytes]] = []
+
+    @rule(chunk=st.lists(st.sampled_from([b"a", b"\r", b"\n", b"\r\n"]), max_size=30))
+    def feed(self, chunk: list[bytes]) -> None:
+        data = b"".join(chunk)
+        self.stream += data
+        self.messages += self.framer.feed(data)
+
+    @rule()
+    def pump(self) -> None:
+        while self.framer.unparsed:
+            self.messages += self.framer.feed(b"")
+
+    @invariant()
+    def holds_at_most_one_line_and_agrees_with_the_model(self) -> None:
+        assert len(self.framer.partial) <= SMALL_LIMIT + 1
+        expected, overflows = expected_under_limit(self.stream, SMALL_LIMIT)
+        assert self.messages == expected[: len(self.messages)]
+        if not self.framer.unparsed:
+            assert self.messages == expected
+            assert self.framer.overflow == overflows
+
+    def teardown(self) -> None:
+        self._small_batches.stop()
+
+
+TestLineFramerUnderLimit = LineFramerUnderLimit.TestCase

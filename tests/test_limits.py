@@ -86,3 +86,11 @@ def test_connection_budget_keeps_a_reserve() -> None:
     assert connection_budget(1024, 20) == 1024 - 20 - 51
     assert connection_budget(64, 12) == 64 - 12 - 16
     assert connection_budget(16, 12) == 1  # always at least one
+
+
+def test_a_full_table_forgets_refilled_sources_before_sharing_the_overflow_bucket() -> None:
+    limiter = SourceRateLimiter(rate=100, burst=1, max_sources=3)
+    for source in ("forged1", "forged2", "forged3"):
+        assert limiter.allow(source, 0.0)
+    assert limiter.allow("real", 0.5)  # the forged one-offs have refilled: pruned
+    assert limiter.allow("real2", 0.5)

@@ -336,3 +336,65 @@ def test_stop_works_from_another_thread_and_from_a_signal_handler(loop_name: str
     for trigger in ("thread", "signal"):
         with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
             assert runner.run(main(trigger)) < 5  # prompt: no unrelated timer needed
+
+
+@pytest.mark.asyncio
+async def test_a_bare_client_thinking_after_its_first_word_is_not_timed_out() -> None:
+    async with serving(message_timeout_s=0.4, **TCP_ONLY) as server:  # auto framing
+        reader, writer = await connect(server)
+        assert await reader.readexactly(8) == b"Welcome!"
+        writer.write(b"Bob")
+        assert await asyncio.wait_for(reader.readexactly(11), 10) == b"Hello, Bob!"
+        await asyncio.sleep(1.0)  # longer than the message timeout, between messages
+        writer.write(b"Ann")
+        assert await asyncio.wait_for(reader.readexactly(11), 10) == b"Hello, Ann!"
+        writer.close()
+
+
+class SlowWelcome(Handler):
+    async def on_connect(self, conn: Connection) -> None:
+        await asyncio.sleep(0.2)
+        conn.send("Welcome!")
+
+    def on_message(self, conn: Connection, message: str) -> None:
+        conn.send(f"Hello, {message}!")
+
+
+@pytest.mark.asyncio
+async def test_a_bare_word_sent_during_an_async_greeting_is_answered_after_it() -> None:
+    async with serving(handler=SlowWelcome, **TCP_ONLY) as server:
+        reader, writer = await connect(server)
+        writer.write(b"Bob")
+        expected = b"Welcome!Hello, Bob!"
+        assert await asyncio.wait_for(reader.readexactly(len(expected)), 10) == expected
+        writer.close()
+
+
+@pytest.mark.asyncio
+async def test_the_message_clock_stops_while_the_server_is_not_reading() -> None:
+    # 40 queued lines behind a 20 ms lookup each hold reading paused for about 0.8 s, longer
+    # than the message timeout, while the last line is half sent.
+    async with serving(
+        handler=AsyncUpper, framing="line", max_pending_messages=4, message_timeout_s=0.5,
+        **TCP_ONLY,
+    ) as server:  # fmt: skip
+        reader, writer = await connect(server)
+        writer.write(b"".join(b"m%d\n" % i for i in range(40)) + b"ha")
+        await asyncio.sleep(0.2)
+        writer.write(b"lf\n")
+        replies = [await asyncio.wait_for(reader.readline(), 10) for _ in range(41)]
+        assert replies == [b"M%d\n" % i for i in range(40)] + [b"HALF\n"]
+        writer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_stop_still_aborts_what_it_was_waiting_for() -> None:
+    server = Server(framing="line", shutdown_timeout_s=30, **TCP_ONLY)
+    await server.start()
+    _, writer = await connect(server)
+    writer.write(b"never finished")
+    await asyncio.sleep(0.1)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(server.close(), 0.3)
+    await wait_until(lambda: server.connections == 0)
+    writer.close()
