@@ -25,11 +25,13 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import math
 import os
 import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final
 
@@ -90,6 +92,8 @@ class Server:
         self._ctx: EndpointContext | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tcp_servers: list[asyncio.Server] = []
+        self._uv_listeners: list[_UvListener] = []
+        self._exhausted_logged = -math.inf
         self._udp_transports: list[asyncio.DatagramTransport] = []
         self._udp_endpoints: list[UdpEndpoint] = []
         self._addresses: list[BoundAddress] = []
@@ -275,23 +279,30 @@ class Server:
         if self._ticks % 10 == 0:  # once a second
             for endpoint in self._udp_endpoints:
                 endpoint.prune()
-            self._probe_descriptors()
+        self._probe_descriptors(now)
         if not self._closed:  # deadlines keep running while a stop drains
             self._tick_handle = loop.call_later(TICK_S, self._tick)
 
-    def _probe_descriptors(self) -> None:
-        """Log, once a second while it lasts, that the process is out of descriptors.
+    def _probe_descriptors(self, now: float) -> None:
+        """Notice (each tick) that the process is out of descriptors, and when it is not.
 
-        uvloop's accept closes connections it cannot take without telling us (libuv's
-        own spare-descriptor trick), so this probe is the only sign of it there; on the
-        standard loop the guarded accept also counts the connections it refused.
+        While it is, the condition is logged once a second, and uvloop's listeners are
+        switched to the guarded accept: libuv's own answer to it closes connections
+        without telling anyone, where the guarded accept answers and counts them.
         """
         spare = _open_spare()
         if spare is not None:
             os.close(spare)
+            for listener in self._uv_listeners:
+                if listener.shedding:
+                    listener.recover()
             return
-        connections = len(self._ctx.connections) if self._ctx else 0
-        self._log.warning("file_descriptors_exhausted", connections=connections)
+        for listener in self._uv_listeners:
+            listener.shed()
+        if now - self._exhausted_logged >= 1.0:
+            self._exhausted_logged = now
+            connections = len(self._ctx.connections) if self._ctx else 0
+            self._log.warning("file_descriptors_exhausted", connections=connections)
 
     def _connection_cap(self) -> int:
         """``max_connections`` as it can be honoured under the open-file limit."""
@@ -321,17 +332,20 @@ class Server:
 
     async def _listen_tcp(self, ctx: EndpointContext, address: Address) -> None:
         loop = asyncio.get_running_loop()
-        # The standard loop's accept path needs the guard; uvloop's does not use it.
-        guarded = isinstance(loop, asyncio.BaseEventLoop)
+        backlog = self.config.backlog
         try:
-            sockets = await _bind_tcp(address, self.config.backlog, guarded)
+            sockets = await _bind_tcp(address, backlog)
             for sock in sockets:
-                if isinstance(sock, _GuardedListener):
-                    sock.on_shed = lambda: ctx.refused("no_file_descriptors")
-                server = await loop.create_server(
-                    lambda: TcpEndpoint(ctx), sock=sock, backlog=self.config.backlog
-                )
-                self._tcp_servers.append(server)
+                sock.on_shed = lambda: ctx.refused("no_file_descriptors")
+                if isinstance(loop, asyncio.BaseEventLoop):  # its accept calls sock.accept
+                    server = await loop.create_server(
+                        lambda: TcpEndpoint(ctx), sock=sock, backlog=backlog
+                    )
+                    self._tcp_servers.append(server)
+                else:
+                    listener = _UvListener(sock, lambda: TcpEndpoint(ctx), backlog)
+                    await listener.serve()
+                    self._uv_listeners.append(listener)
                 self._bound("tcp", sock)
         except OSError as exc:
             raise ListenError(
@@ -372,6 +386,9 @@ class Server:
             transport.close()
         self._tcp_servers.clear()
         self._udp_transports.clear()
+        for listener in self._uv_listeners:
+            listener.close()
+        self._uv_listeners.clear()
 
 
 #: accept() errors that mean "the process or system is out of descriptors or memory":
@@ -447,6 +464,93 @@ class _GuardedListener(socket.socket):
         super().close()
 
 
+class _UvListener:
+    """A listening socket served by uvloop's own accept, or by the guarded one.
+
+    uvloop takes the socket it is given and closes it with its server, so it is given a
+    duplicate and ``sock`` stays ours. While the process is out of descriptors the
+    server is closed and ``sock`` is served by a reader that calls the guarded
+    ``accept`` (each refused connection answered and counted, see
+    :class:`_GuardedListener`); the rare connection it does accept then is handed to
+    the loop with ``connect_accepted_socket``. When descriptors are free again uvloop
+    takes over once more.
+    """
+
+    def __init__(
+        self, sock: _GuardedListener, factory: Callable[[], asyncio.Protocol], backlog: int
+    ) -> None:
+        self.sock = sock
+        self._factory = factory
+        self._backlog = backlog
+        self._loop = asyncio.get_running_loop()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.shedding = False
+        self._closed = False
+
+    async def serve(self) -> None:
+        duplicate = socket.socket(
+            self.sock.family, self.sock.type, self.sock.proto, os.dup(self.sock.fileno())
+        )
+        self._server = await self._loop.create_server(
+            self._factory, sock=duplicate, backlog=self._backlog
+        )
+
+    def shed(self) -> None:
+        if self.shedding or self._closed or self._server is None:
+            return
+        self.shedding = True
+        self._server.close()
+        self._server = None
+        self._loop.add_reader(self.sock.fileno(), self._acceptable)
+
+    def recover(self) -> None:
+        if not self.shedding or self._closed:
+            return
+        try:
+            duplicate = os.dup(self.sock.fileno())
+        except OSError:  # not yet: stay on the guarded accept
+            return
+        os.close(duplicate)
+        self.shedding = False
+        self._loop.remove_reader(self.sock.fileno())
+        self._spawn(self._serve_again())
+
+    async def _serve_again(self) -> None:
+        try:
+            await self.serve()
+        except OSError:  # descriptors ran out again in between
+            self.shedding = True
+            self._loop.add_reader(self.sock.fileno(), self._acceptable)
+
+    def _acceptable(self) -> None:
+        for _ in range(64):
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # nothing waiting (or shed: the guard counted it)
+                return
+            conn.setblocking(False)
+            self._spawn(self._loop.connect_accepted_socket(self._factory, conn))
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = self._loop.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            get_logger().warning("accept_failed", error=str(task.exception()))
+
+    def close(self) -> None:
+        self._closed = True
+        if self.shedding:
+            self._loop.remove_reader(self.sock.fileno())
+        if self._server is not None:
+            self._server.close()
+        self.sock.close()
+
+
 def _open_spare() -> int | None:
     try:
         return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -454,17 +558,16 @@ def _open_spare() -> int | None:
         return None
 
 
-async def _bind_tcp(address: Address, backlog: int, guarded: bool) -> list[socket.socket]:
+async def _bind_tcp(address: Address, backlog: int) -> list[_GuardedListener]:
     """Listening sockets for every address ``address.host`` resolves to (all or none)."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(
         address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )
-    kind = _GuardedListener if guarded else socket.socket
-    sockets: list[socket.socket] = []
+    sockets: list[_GuardedListener] = []
     try:
         for family, type_, proto, _, sockaddr in dict.fromkeys(infos):
-            sock = kind(family, type_, proto)
+            sock = _GuardedListener(family, type_, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:

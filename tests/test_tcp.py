@@ -398,3 +398,80 @@ async def test_a_cancelled_stop_still_aborts_what_it_was_waiting_for() -> None:
         await asyncio.wait_for(server.close(), 0.3)
     await wait_until(lambda: server.connections == 0)
     writer.close()
+
+
+HOG_HANDLER = """
+import os
+import netframe
+
+held = []
+
+
+class Hog(netframe.Handler):
+    '''Takes descriptors for itself, as a handler opening files would, until none are left.'''
+
+    def on_connect(self, conn):
+        for _ in range(3):
+            try:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                break
+        conn.send("Welcome!")
+
+    def on_disconnect(self, conn):
+        while held:
+            os.close(held.pop())
+"""
+
+
+@pytest.mark.timeout(60)
+def test_out_of_descriptors_refusals_are_answered_counted_and_service_returns(
+    loop_name: str, tmp_path: Any
+) -> None:
+    """Handlers use up the descriptors: on both loops later clients get the busy line, the
+    refusals are counted in the configured format, and service returns when they free."""
+    import json
+    import resource
+    import subprocess
+    import sys
+
+    (tmp_path / "hog.py").write_text(HOG_HANDLER)
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "netframe", "serve", "--log-format", "json", "--loop", loop_name,
+         "--tcp", "127.0.0.1:0", "--udp", "127.0.0.1:0", "--handler", "hog:Hog"],
+        stderr=subprocess.PIPE, text=True, preexec_fn=low_limit,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )  # fmt: skip
+    try:
+        assert server.stderr is not None
+        port = None
+        while port is None:
+            event = json.loads(server.stderr.readline())
+            if event["event"] == "listening" and event["transport"] == "tcp":
+                port = event["port"]
+        clients, answers = [], []
+        for _ in range(40):
+            client = socket.create_connection(("127.0.0.1", port), timeout=10)
+            clients.append(client)
+            answers.append(client.recv(100))
+            time.sleep(0.03)  # arriving over a second, not in one burst
+        assert answers.count(b"Welcome!") >= 5
+        refused = answers.count(b"Error: too many connections\n")
+        assert refused >= 20
+        for client in clients:
+            client.close()
+        time.sleep(1.0)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as again:
+            assert again.recv(100) == b"Welcome!"
+    finally:
+        server.terminate()
+        _, log = server.communicate(timeout=30)
+    events = [json.loads(line) for line in log.splitlines()]  # every line is JSON
+    counted = [e for e in events if e["event"] == "connections_refused"]
+    assert {e["reason"] for e in counted} == {"no_file_descriptors"}
+    assert sum(e["refused"] for e in counted) >= refused
+    assert any(e["event"] == "file_descriptors_exhausted" for e in events)
