@@ -84,7 +84,9 @@ class EndpointContext:
 
     def __post_init__(self) -> None:
         config = self.config
-        self.framer_factory = make_framer(config.framing, config.max_line_bytes)
+        self.framer_factory = make_framer(
+            config.framing, config.max_line_bytes, config.bare_message_delay_s
+        )
         self.encoding = config.encoding
         # Resolve structlog's lazy proxy once: every connection binds from a real logger.
         self.log = self.log.bind()

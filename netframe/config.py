@@ -314,10 +314,12 @@ class Config:
         "count", metavar="BYTES",
     )  # fmt: skip
     bare_message_delay_s: float = _setting(
-        0.05, "--bare-message-delay",
-        "seconds auto framing waits for a newline before a first message counts as bare",
-        "a line split across two reads arrives well within 50 ms on any real network; a "
-        "bare-word client pays it once, on its first message",
+        0.25, "--bare-message-delay",
+        "seconds auto framing waits before a first word of 536 bytes or more, with no "
+        "newline, counts as a bare message",
+        "only such long first words wait: shorter ones are answered at once (TCP never "
+        "cuts a write shorter than 536 bytes). Long enough for the rest of a long first "
+        "line to arrive over a slow path with delayed acknowledgements (up to 200 ms)",
         "seconds", metavar="SECONDS",
     )  # fmt: skip
     idle_timeout_s: float = _setting(

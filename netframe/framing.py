@@ -19,15 +19,12 @@ The modes:
     ``\\n`` both end a line. A line longer than ``max_line_bytes`` overflows the framer.
 ``auto``
     Line framing for clients that send newlines, bare messages for clients that do not
-    (the seeds' clients send bare words in lock-step). Until a connection has sent a
-    newline it is *undecided*: bytes without a newline wait, and when the endpoint's
-    short timer finds them still waiting it calls :meth:`AutoFramer.flush`, which turns
-    them into one bare message and marks the connection *bare*: from then on every
-    chunk is one message, as in ``raw``. A newline at any point marks the connection
-    *lines* for good.
+    (the tutorial's clients send bare words in lock-step), told apart without waiting
+    by what TCP guarantees about segment sizes: see :class:`AutoFramer`, where every
+    rule of the mode lives.
 
-End of input is not an event here: a partial line left when the peer closes is dropped,
-as the peer never finished it.
+End of input and elapsed time are events a framer receives (:meth:`Framer.eof`,
+:meth:`Framer.timeout`), never something it looks up: the framer reads no clock.
 """
 
 from __future__ import annotations
@@ -58,13 +55,26 @@ NONE: Final = b""
 
 
 class Framer(Protocol):
-    """What an endpoint needs from a framing mode."""
+    """What an endpoint needs from a framing mode.
+
+    A framer is sans-IO: bytes in through :meth:`feed`, messages out, and two events that
+    are not bytes, end of input (:meth:`eof`) and "the time you asked for has passed"
+    (:meth:`timeout`). A framer that wants to hear about time says so in
+    :attr:`wake_after` after a call; the endpoint then calls :meth:`timeout` that many
+    seconds later unless more bytes (or the end) come first. A framer that never needs
+    a timer keeps ``wake_after = None`` and the endpoint never makes one.
+    """
 
     #: The terminator for messages sent before the peer said anything (the greeting).
     greeting_terminator: bytes
     #: True once a message exceeded the limit; the framer then yields nothing more, and
     #: the messages returned with the call that set it are the last ones.
     overflow: bool
+
+    @property
+    def wake_after(self) -> float | None:
+        """Seconds after which :meth:`timeout` is wanted, or None (after each call)."""
+        ...
 
     @property
     def unparsed(self) -> bytes:
@@ -81,11 +91,12 @@ class Framer(Protocol):
         """Take the next chunk of the stream and return the messages it completes."""
         ...
 
-    #: True when unterminated bytes wait that :meth:`flush` would turn into a message.
-    waiting_for_bare_flush: bool
+    def eof(self) -> list[Message]:
+        """The peer will send no more: return what the held bytes amount to, if anything."""
+        ...
 
-    def flush(self) -> list[Message]:
-        """Deliver waiting unterminated bytes as one bare message (``auto`` only)."""
+    def timeout(self) -> list[Message]:
+        """The time asked for in :attr:`wake_after` has passed with nothing new."""
         ...
 
 
@@ -107,21 +118,24 @@ class RawFramer:
     the cap bounds what one message hands the handler, and never refuses a client.
     """
 
-    __slots__ = ("max_bytes", "overflow", "waiting_for_bare_flush")
+    __slots__ = ("max_bytes",)
     greeting_terminator = NONE
     partial = unparsed = NONE
+    overflow = False
+    wake_after = None
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.overflow = False
-        self.waiting_for_bare_flush = False
 
     def feed(self, data: bytes) -> list[Message]:
         if len(data) <= self.max_bytes:
             return [(data, NONE)] if data else []
         return _pieces(data, self.max_bytes)
 
-    def flush(self) -> list[Message]:
+    def eof(self) -> list[Message]:
+        return []
+
+    def timeout(self) -> list[Message]:
         return []
 
 
@@ -138,13 +152,13 @@ class LineFramer:
     read of thousands of pipelined lines never becomes thousands of objects at once.
     """
 
-    __slots__ = ("max_line_bytes", "overflow", "partial", "unparsed", "waiting_for_bare_flush")
+    __slots__ = ("max_line_bytes", "overflow", "partial", "unparsed")
     greeting_terminator = LF
+    wake_after: float | None = None
 
     def __init__(self, max_line_bytes: int) -> None:
         self.max_line_bytes = max_line_bytes
         self.overflow = False
-        self.waiting_for_bare_flush = False
         # A partial line, as a bytearray so that a line arriving a byte at a time costs
         # linear, not quadratic, copying; the shared empty bytes when there is none.
         self.partial: bytes | bytearray = NONE
@@ -188,7 +202,12 @@ class LineFramer:
             self._check_partial()
         return messages
 
-    def flush(self) -> list[Message]:
+    def eof(self) -> list[Message]:
+        """A partial line is dropped: the peer never finished it."""
+        self.partial = NONE
+        return []
+
+    def timeout(self) -> list[Message]:
         return []
 
     def _check_partial(self) -> None:
@@ -206,46 +225,93 @@ _UNDECIDED: Final = 0
 _LINES: Final = 1
 _BARE: Final = 2
 
+#: The smallest maximum segment size TCP allows over IPv4 (RFC 1122; 1,220 over IPv6):
+#: TCP never cuts a write into a segment shorter than this unless the sender wrote less.
+#: So a read shorter than this with no newline is where the sender's write ended.
+SEGMENT_FLOOR: Final = 536
+
 
 class AutoFramer(LineFramer):
-    """Lines for line clients, bare messages for the seeds' bare-word clients."""
+    """Lines for line clients, bare messages for bare-word clients, decided without waiting.
 
-    __slots__ = ("_state",)
+    Every rule of ``auto`` framing is here:
+
+    - Until a connection has sent a newline it is *undecided*. A read with a newline
+      makes it a *line* connection, from then on framed exactly as ``line`` framing
+      frames (partial lines wait for the rest, however long it takes).
+    - An undecided read with no newline that is shorter than :data:`SEGMENT_FLOOR` is
+      where the sender's write ended: TCP does not cut a write into a segment shorter
+      than that unless the sender wrote less. The bytes held so far are one *bare*
+      message at once, and the connection is *bare* from then on.
+    - An undecided read of :data:`SEGMENT_FLOOR` bytes or more with no newline may be one
+      segment of a longer write (a long first line over a small-MSS path). The bytes
+      wait for more; a later short read, or ``delay_s`` with nothing new
+      (:meth:`timeout`), makes them one bare message. Only a bare client whose first
+      word is that long pays the wait.
+    - On a bare connection every read is one message, with one trailing line ending
+      taken off and put back on the reply, as the tutorial's server treats each
+      ``recv()`` and as UDP does. A newline inside such a read is part of the message,
+      so a bare client that sends one is still answered, once, for the whole read.
+    - At the end of input, bytes an undecided connection holds are a bare message (the
+      tutorial's server answers a last word before the close); a line connection's
+      partial line is dropped, as in ``line`` framing.
+
+    The greeting has no terminator: nothing is known about the client yet.
+    """
+
+    __slots__ = ("_delay", "_state", "wake_after")
 
     greeting_terminator = NONE
 
-    def __init__(self, max_line_bytes: int) -> None:
+    def __init__(self, max_line_bytes: int, delay_s: float) -> None:
         super().__init__(max_line_bytes)
         self._state = _UNDECIDED
+        self._delay = delay_s
+        self.wake_after = None
 
     def feed(self, data: bytes) -> list[Message]:
         state = self._state
         if state == _LINES:
             return super().feed(data)
+        if state == _BARE:
+            if len(data) <= self.max_line_bytes:
+                return [split_terminator(data)] if data else []
+            return _pieces(data, self.max_line_bytes)
+        self.wake_after = None
         if LF in data:
             self._state = _LINES
-            self.waiting_for_bare_flush = False
             return super().feed(data)
-        if state == _BARE:  # every read is a message, as in raw, capped the same way
-            if len(data) <= self.max_line_bytes:
-                return [(data, NONE)] if data else []
-            return _pieces(data, self.max_line_bytes)
-        messages = super().feed(data)  # undecided: hold the bytes, within the line limit
-        self.waiting_for_bare_flush = bool(self.partial)
+        messages = super().feed(data)  # held as a partial line, within the line limit
+        if self.overflow or not self.partial:
+            return messages
+        if len(data) < SEGMENT_FLOOR:
+            return self._bare()
+        self.wake_after = self._delay
         return messages
 
-    def flush(self) -> list[Message]:
-        if not self.waiting_for_bare_flush:
-            return []
+    def eof(self) -> list[Message]:
+        if self._state == _UNDECIDED and self.partial:
+            return self._bare()
+        return super().eof()
+
+    def timeout(self) -> list[Message]:
+        if self._state == _UNDECIDED and self.partial:
+            return self._bare()
+        return []
+
+    def _bare(self) -> list[Message]:
         message, self.partial = bytes(self.partial), NONE
         self._state = _BARE
-        self.waiting_for_bare_flush = False
+        self.wake_after = None
         return [(message, NONE)]
 
 
-def make_framer(framing: Framing, max_line_bytes: int) -> Callable[[], Framer]:
+def make_framer(
+    framing: Framing, max_line_bytes: int, bare_delay_s: float
+) -> Callable[[], Framer]:
     """Return a factory of fresh framers for one mode (one framer per connection)."""
     if framing == "raw":
         return lambda: RawFramer(max_line_bytes)
-    cls = AutoFramer if framing == "auto" else LineFramer
-    return lambda: cls(max_line_bytes)
+    if framing == "auto":
+        return lambda: AutoFramer(max_line_bytes, bare_delay_s)
+    return lambda: LineFramer(max_line_bytes)

@@ -76,7 +76,7 @@ class TcpEndpoint(asyncio.Protocol):
     """One TCP connection: asyncio transport on one side, framer and handler on the other."""
 
     __slots__ = (
-        "_bare_timer",
+        "_framer_timer",
         "_batch",
         "_check_at",
         "_closed_at",
@@ -126,7 +126,7 @@ class TcpEndpoint(asyncio.Protocol):
         self._eof = False
         self._pause_reasons = 0
         self._writes_paused = False
-        self._bare_timer: asyncio.TimerHandle | None = None
+        self._framer_timer: asyncio.TimerHandle | None = None
         # The handler's async call in flight, the task awaiting it, and the messages not
         # handled yet (behind an async call, or held while the peer does not read).
         self._waiting: Awaitable[None] | None = None
@@ -204,9 +204,9 @@ class TcpEndpoint(asyncio.Protocol):
         if ctx.stopping:
             data = self._finishing(data)
         now = self._seen = ctx.now
-        if self._bare_timer is not None:
-            self._bare_timer.cancel()
-            self._bare_timer = None
+        if self._framer_timer is not None:
+            self._framer_timer.cancel()
+            self._framer_timer = None
         framer = self._framer
         messages = framer.feed(data)
         if framer.partial:
@@ -221,9 +221,10 @@ class TcpEndpoint(asyncio.Protocol):
             self._message_started = 0.0
         if framer.overflow:
             messages = [*messages, _OVERFLOW]
-        elif framer.waiting_for_bare_flush:
-            delay = ctx.config.bare_message_delay_s
-            self._bare_timer = asyncio.get_running_loop().call_later(delay, self._bare_flush)
+        elif framer.wake_after is not None:  # the framer wants to hear if nothing comes
+            self._framer_timer = asyncio.get_running_loop().call_later(
+                framer.wake_after, self._framer_timeout
+            )
         # _handle, inlined: this is the path of every read.
         if self._pending or self._waiting is not None or self._writes_paused:
             self._queue(messages)
@@ -237,8 +238,11 @@ class TcpEndpoint(asyncio.Protocol):
         # message are one now (the seeds' server answers a last word before the close).
         if self.close_reason is None:
             self.close_reason = "peer_closed"
-        if self._framer.waiting_for_bare_flush and not self._closing:
-            self._handle(self._framer.flush())
+        if self._framer_timer is not None:
+            self._framer_timer.cancel()
+            self._framer_timer = None
+        if not self._closing and (messages := self._framer.eof()):
+            self._handle(messages)
         # A partial line can never finish now; queued and unparsed messages still can.
         if (self._waiting is not None or self._pending or self._framer.unparsed) and (
             not self._closing
@@ -267,8 +271,8 @@ class TcpEndpoint(asyncio.Protocol):
             self.close_reason = "reset"
         elif self.close_reason is None:
             self.close_reason = "peer_closed"
-        if self._bare_timer is not None:
-            self._bare_timer.cancel()
+        if self._framer_timer is not None:
+            self._framer_timer.cancel()
         if self._task is not None:
             self._task.cancel()
         if self._handler is not None:
@@ -528,11 +532,12 @@ class TcpEndpoint(asyncio.Protocol):
             self._seen = self._ctx.now
             transport.write(data)
 
-    def _bare_flush(self) -> None:
-        self._bare_timer = None
-        if not self._closing:
-            self._message_started = 0.0  # the waiting bytes are a whole message now
-            self._handle(self._framer.flush())
+    def _framer_timeout(self) -> None:
+        self._framer_timer = None
+        if not self._closing and (messages := self._framer.timeout()):
+            if not self._framer.partial:
+                self._message_started = 0.0  # the waiting bytes are a whole message now
+            self._handle(messages)
 
     def _queue(self, messages: list[Message]) -> None:
         if self._pending is None:

@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from netframe import framing
+from netframe.framing import (
+    SEGMENT_FLOOR as SEGMENT,
+)
 from netframe.framing import AutoFramer, Framer, LineFramer, RawFramer, split_terminator
 
 LIMIT = 1024
@@ -58,46 +61,107 @@ def test_partial_line_longer_than_limit_overflows_without_waiting_for_newline() 
     assert framer.overflow
 
 
-def test_auto_bare_words_wait_for_flush_then_stay_bare() -> None:
-    framer = AutoFramer(LIMIT)
+DELAY = 0.25
+
+
+def auto(limit: int = LIMIT) -> AutoFramer:
+    return AutoFramer(limit, DELAY)
+
+
+def test_auto_a_short_bare_word_is_a_message_at_once_and_the_client_stays_bare() -> None:
+    framer = auto()
     assert framer.greeting_terminator == b""
-    assert framer.feed(b"Michael") == []
-    assert framer.waiting_for_bare_flush
-    assert framer.flush() == [(b"Michael", b"")]
-    assert not framer.waiting_for_bare_flush
-    # Known bare now: each chunk is one message at once, as the seeds' server reads it.
+    assert framer.feed(b"Michael") == [(b"Michael", b"")]
+    assert framer.wake_after is None  # nothing to wait for
+    # Known bare now: each read is one message, a trailing line ending put back on replies.
     assert framer.feed(b"Tracy") == [(b"Tracy", b"")]
-    assert not framer.waiting_for_bare_flush
+    assert framer.feed(b"Sarah\n") == [(b"Sarah", b"\n")]
 
 
-def test_auto_newline_makes_a_line_client_for_good() -> None:
-    framer = AutoFramer(LIMIT)
-    assert framer.feed(b"Bo") == []
-    assert framer.feed(b"b\nAl") == [(b"Bob", b"\n")]
-    assert not framer.waiting_for_bare_flush  # a partial line now, never a bare message
-    assert framer.flush() == []
-    assert framer.feed(b"ice\r\n") == [(b"Alice", b"\r\n")]
-
-
-def test_auto_bare_client_that_sends_a_line_switches_to_lines() -> None:
-    framer = AutoFramer(LIMIT)
+def test_auto_a_bare_client_that_sends_a_newline_is_answered_for_the_whole_read() -> None:
+    framer = auto()
     framer.feed(b"Michael")
-    framer.flush()
+    assert framer.feed(b"Tra\ncy") == [(b"Tra\ncy", b"")]
+    assert framer.feed(b"Sarah") == [(b"Sarah", b"")]  # never stuck waiting for a line
+
+
+def test_auto_a_newline_first_makes_a_line_client_for_good() -> None:
+    framer = auto()
     assert framer.feed(b"Bob\nAl") == [(b"Bob", b"\n")]
-    assert framer.feed(b"ice\n") == [(b"Alice", b"\n")]
+    assert framer.wake_after is None  # a partial line waits as long as it takes
+    assert framer.timeout() == []
+    assert framer.feed(b"ice\r\n") == [(b"Alice", b"\r\n")]
+    assert framer.feed(b"x") == []  # short, but a line client's partial line
+
+
+def test_auto_a_long_first_line_in_segments_is_one_message() -> None:
+    framer = auto(8192)
+    line = b"y" * 4000
+    for start in range(0, 4000 - SEGMENT, SEGMENT):
+        assert framer.feed(line[start : start + SEGMENT]) == []
+        assert framer.wake_after == DELAY  # may be one segment of a longer write
+    assert framer.feed(line[(4000 // SEGMENT) * SEGMENT :] + b"\n") == [(line, b"\n")]
+
+
+def test_auto_a_long_bare_first_word_is_a_message_when_a_short_read_ends_it() -> None:
+    framer = auto()
+    assert framer.feed(b"z" * SEGMENT) == []
+    assert framer.feed(b"z" * 100) == [(b"z" * (SEGMENT + 100), b"")]
+
+
+def test_auto_a_long_bare_first_word_alone_is_a_message_after_the_delay() -> None:
+    framer = auto()
+    assert framer.feed(b"z" * SEGMENT) == []
+    assert framer.timeout() == [(b"z" * SEGMENT, b"")]
+    assert framer.feed(b"next") == [(b"next", b"")]
+
+
+def test_auto_end_of_input_answers_held_bytes_but_drops_a_partial_line() -> None:
+    undecided = auto()
+    undecided.feed(b"w" * SEGMENT)
+    assert undecided.eof() == [(b"w" * SEGMENT, b"")]
+    lines = auto()
+    lines.feed(b"a\npart")
+    assert lines.eof() == []
 
 
 def test_auto_undecided_bytes_are_bounded() -> None:
-    framer = AutoFramer(8)
+    framer = auto(8)
     framer.feed(b"x" * 20)
     assert framer.overflow
-    assert not framer.waiting_for_bare_flush
 
 
-def test_flush_with_nothing_waiting_is_empty() -> None:
-    assert AutoFramer(LIMIT).flush() == []
-    assert LineFramer(LIMIT).flush() == []
-    assert RawFramer(1024).flush() == []
+def line_auto(limit: int) -> AutoFramer:
+    """An auto framer whose client has sent a newline: from then on it frames as line."""
+    framer = AutoFramer(limit, DELAY)
+    assert framer.feed(b"first\n") == [(b"first", b"\n")]
+    return framer
+
+
+@given(
+    line=st.binary(min_size=SEGMENT, max_size=5000).map(lambda b: b.replace(b"\n", b"")),
+    cuts=st.lists(st.integers(SEGMENT, 5000), max_size=8),
+)
+def test_auto_a_first_line_cut_into_segments_of_at_least_the_floor_is_one_message(
+    line: bytes, cuts: list[int]
+) -> None:
+    stream = line + b"\n"
+    # TCP segments of one write: every piece but the last at least SEGMENT_FLOOR long.
+    edges = [0]
+    for cut in sorted(cuts):
+        if cut - edges[-1] >= SEGMENT and cut < len(stream):
+            edges.append(cut)
+    chunks = [stream[a:b] for a, b in itertools.pairwise([*edges, len(stream)])]
+    framer = AutoFramer(LIMIT * 8, DELAY)
+    messages = [m for chunk in chunks for m in framer.feed(chunk)]
+    assert messages == [split_terminator(stream)]
+
+
+def test_framers_without_a_timer_never_ask_for_one() -> None:
+    for framer in (LineFramer(LIMIT), RawFramer(1024)):
+        framer.feed(b"abc")
+        assert framer.wake_after is None
+        assert framer.timeout() == []
 
 
 @pytest.mark.parametrize(
@@ -130,7 +194,7 @@ def stream_and_cuts(draw: st.DrawFn) -> tuple[list[tuple[bytes, bytes]], list[by
     return messages, [stream[a:b] for a, b in itertools.pairwise(edges)]
 
 
-@pytest.mark.parametrize("framer_class", [LineFramer, AutoFramer])
+@pytest.mark.parametrize("framer_class", [LineFramer, line_auto])
 @given(case=stream_and_cuts())
 def test_any_split_of_a_line_stream_gives_the_same_messages(
     framer_class: type[LineFramer], case: tuple[list[tuple[bytes, bytes]], list[bytes]]
@@ -191,7 +255,7 @@ def feed_and_pump(framer: Framer, chunks: list[bytes], limit: int) -> list[tuple
     return messages
 
 
-@pytest.mark.parametrize("framer_class", [LineFramer, AutoFramer])
+@pytest.mark.parametrize("framer_class", [LineFramer, line_auto])
 @given(
     body=limit_lines,
     tail=near_limit,

@@ -475,3 +475,59 @@ def test_out_of_descriptors_refusals_are_answered_counted_and_service_returns(
     assert {e["reason"] for e in counted} == {"no_file_descriptors"}
     assert sum(e["refused"] for e in counted) >= refused
     assert any(e["event"] == "file_descriptors_exhausted" for e in events)
+
+
+# -- auto framing over real sockets --------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_auto_a_bare_word_is_answered_without_any_wait() -> None:
+    # A wait of 30 s would fail this test's bounds: bare words must not wait at all.
+    async with serving(bare_message_delay_s=30, **TCP_ONLY) as server:
+        reader, writer = await connect(server)
+        assert await asyncio.wait_for(reader.readexactly(8), 10) == b"Welcome!"
+        for name in (b"Michael", b"Tracy", b"Sarah"):
+            writer.write(name)
+            reply = b"Hello, " + name + b"!"
+            assert await asyncio.wait_for(reader.readexactly(len(reply)), 10) == reply
+        writer.write(b"exit")
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+
+
+@pytest.mark.asyncio
+async def test_auto_a_long_first_line_in_small_segments_is_one_message() -> None:
+    async with serving(**TCP_ONLY) as server:
+        reader, writer = await connect(server)
+        await reader.readexactly(8)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        name = bytes(range(97, 123)) * 154  # 4,004 bytes
+        stream = name + b"\n"
+        # One write of a 4,005-byte line as TCP would cut it over a path with the
+        # smallest IPv4 MSS: 536-byte segments, then the rest, a little apart.
+        for start in range(0, len(stream), 536):
+            writer.write(stream[start : start + 536])
+            await writer.drain()
+            await asyncio.sleep(0.0005)
+        reply = await asyncio.wait_for(reader.readline(), 10)
+        assert reply == b"Hello, " + name + b"!\n"
+        writer.write(b"next\n")
+        assert await asyncio.wait_for(reader.readline(), 10) == b"Hello, next!\n"
+        writer.close()
+
+
+@pytest.mark.asyncio
+async def test_auto_a_bare_client_that_sends_a_newline_is_still_answered() -> None:
+    async with serving(**TCP_ONLY) as server:
+        reader, writer = await connect(server)
+        await reader.readexactly(8)
+        writer.write(b"Michael")
+        await asyncio.wait_for(reader.readexactly(len(b"Hello, Michael!")), 10)
+        writer.write(b"Tra\ncy")
+        reply = b"Hello, Tra\ncy!"
+        assert await asyncio.wait_for(reader.readexactly(len(reply)), 10) == reply
+        writer.write(b"Sarah")
+        reply = b"Hello, Sarah!"
+        assert await asyncio.wait_for(reader.readexactly(len(reply)), 10) == reply
+        writer.close()
