@@ -17,6 +17,7 @@ or, inside an application's event loop::
         await server.serve_forever()
 """
 
+from netframe._errors import Error
 from netframe._version import __version__
 from netframe.client import ClientError, TcpClient, UdpClient
 from netframe.config import Address, Config, ConfigError, parse_address
@@ -25,7 +26,7 @@ from netframe.handlers.echo import EchoHandler
 from netframe.handlers.greeting import GreetingHandler
 from netframe.logs import configure_logging
 from netframe.loops import LoopUnavailable
-from netframe.server import BoundAddress, ListenError, Server, run
+from netframe.server import BoundAddress, ListenError, RunInLoopError, Server, run
 
 __all__ = [
     "Address",
@@ -35,11 +36,13 @@ __all__ = [
     "ConfigError",
     "Connection",
     "EchoHandler",
+    "Error",
     "GreetingHandler",
     "Handler",
     "HandlerError",
     "ListenError",
     "LoopUnavailable",
+    "RunInLoopError",
     "Server",
     "TcpClient",
     "UdpClient",

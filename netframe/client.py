@@ -14,6 +14,7 @@ import asyncio
 import collections
 from typing import Any, cast
 
+from netframe._errors import Error
 from netframe.config import Framing
 from netframe.framing import LineFramer, RawFramer
 
@@ -23,7 +24,7 @@ __all__ = ["ClientError", "TcpClient", "UdpClient"]
 _MAX_REPLY_BYTES = 16 * 1024 * 1024
 
 
-class ClientError(ConnectionError):
+class ClientError(Error, ConnectionError):
     """The server could not be reached, timed out, or closed early; the text says which."""
 
 

@@ -16,6 +16,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
+from netframe._errors import Error
+
 if TYPE_CHECKING:
     from netframe.handlers import Handler
 
@@ -57,7 +59,7 @@ _HOSTNAME = re.compile(
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(Error, ValueError):
     """A setting is malformed or out of range; the message says which and why."""
 
 

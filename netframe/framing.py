@@ -306,9 +306,7 @@ class AutoFramer(LineFramer):
         return [(message, NONE)]
 
 
-def make_framer(
-    framing: Framing, max_line_bytes: int, bare_delay_s: float
-) -> Callable[[], Framer]:
+def make_framer(framing: Framing, max_line_bytes: int, bare_delay_s: float) -> Callable[[], Framer]:
     """Return a factory of fresh framers for one mode (one framer per connection)."""
     if framing == "raw":
         return lambda: RawFramer(max_line_bytes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from netframe._errors import Error
 from netframe.config import LoopName
 
 __all__ = ["LoopUnavailable", "loop_factory", "resolve_loop_name"]
@@ -12,7 +13,7 @@ __all__ = ["LoopUnavailable", "loop_factory", "resolve_loop_name"]
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 
-class LoopUnavailable(RuntimeError):
+class LoopUnavailable(Error, RuntimeError):
     """The requested event loop is not installed."""
 
 

@@ -37,6 +37,7 @@ from typing import Any, Final
 
 from netframe._datagram import open_datagram_endpoint
 from netframe._endpoint import TICK_S, EndpointContext
+from netframe._errors import Error
 from netframe.config import Address, Config
 from netframe.handlers import HandlerError, resolve_handler
 from netframe.limits import connection_budget
@@ -45,10 +46,14 @@ from netframe.loops import loop_factory, resolve_loop_name
 from netframe.tcp import TcpEndpoint
 from netframe.udp import UdpEndpoint
 
-__all__ = ["BoundAddress", "ListenError", "Server", "run"]
+__all__ = ["BoundAddress", "ListenError", "RunInLoopError", "Server", "run"]
 
 
-class ListenError(OSError):
+class RunInLoopError(Error, RuntimeError):
+    """:func:`run` was called where an event loop is already running."""
+
+
+class ListenError(Error, OSError):
     """A listener could not be bound; the message names the transport and address."""
 
 
@@ -640,7 +645,17 @@ def run(config: Config | None = None, **settings: Any) -> int:
 
     Raises:
         ConfigError, HandlerError, LoopUnavailable, ListenError: before serving starts.
+        RunInLoopError: called inside a running event loop (use :class:`Server`).
     """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # none running: the normal case
+        pass
+    else:
+        raise RunInLoopError(
+            "netframe.run() blocks until a signal, so it cannot run inside a running "
+            "event loop: use `async with netframe.Server(...)` there instead"
+        )
     server = Server(config, **settings)
     config = server.config
     factory = loop_factory(config.loop)

@@ -76,7 +76,6 @@ class TcpEndpoint(asyncio.Protocol):
     """One TCP connection: asyncio transport on one side, framer and handler on the other."""
 
     __slots__ = (
-        "_framer_timer",
         "_batch",
         "_check_at",
         "_closed_at",
@@ -84,6 +83,7 @@ class TcpEndpoint(asyncio.Protocol):
         "_ctx",
         "_eof",
         "_framer",
+        "_framer_timer",
         "_handler",
         "_ip",
         "_log",

@@ -24,6 +24,8 @@ from conftest import CliServer, assert_one_line_error, run_netframe
         (["serve", "--tcp", "127.0.0.1:99999"], "port must be a number"),
         (["serve", "--handler", "nosuch"], "unknown handler 'nosuch'"),
         (["serve", "--handler", "no_such_module:H"], "cannot import handler module"),
+        (["serve", "--handler", "os:getcwd"], "handler 'os:getcwd' made a str, not a handler"),
+        (["serve", "--handler", "json:JSONDecoder"], "is a class with no on_message method"),
         (["serve", "--framing", "lines"], "'lines' is not one of auto, line, raw"),
         (["serve", "--loop", "trio"], "'trio' is not one of"),
         (["serve", "--encoding", "klingon"], "unknown encoding 'klingon'"),

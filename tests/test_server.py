@@ -359,3 +359,27 @@ async def test_udp_handler_errors_are_logged_once_per_interval_not_per_datagram(
     assert len(errors) == 1
     summaries = [e for e in logs if e["event"] == "datagrams_dropped"]
     assert [e["reason"] for e in summaries] == ["undecodable"]  # its own kind of drop
+
+
+async def test_run_inside_a_running_loop_says_to_use_server_instead() -> None:
+    with pytest.raises(netframe.RunInLoopError, match=r"use `async with netframe\.Server"):
+        netframe.run(tcp=["127.0.0.1:0"], udp=[])
+
+
+async def test_every_netframe_exception_shares_one_base_and_keeps_its_builtin_kind() -> None:
+    kinds = {
+        netframe.ConfigError: ValueError,
+        netframe.HandlerError: LookupError,
+        netframe.ListenError: OSError,
+        netframe.LoopUnavailable: RuntimeError,
+        netframe.ClientError: ConnectionError,
+        netframe.RunInLoopError: RuntimeError,
+    }
+    for error, builtin in kinds.items():
+        assert issubclass(error, netframe.Error)
+        assert issubclass(error, builtin)
+
+
+async def test_a_handler_factory_is_checked_once_when_the_server_is_built() -> None:
+    with pytest.raises(netframe.HandlerError, match="made a int, not a handler"):
+        Server(handler=lambda: 42, tcp=["127.0.0.1:0"])

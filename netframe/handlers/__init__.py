@@ -11,6 +11,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any, cast
 
+from netframe._errors import Error
 from netframe.handlers._interface import Connection, Handler, Message, Transport
 
 __all__ = [
@@ -32,19 +33,24 @@ BUILTIN_HANDLERS: dict[str, str] = {
 }
 
 
-class HandlerError(LookupError):
-    """A handler name does not resolve to something that makes handlers."""
+class HandlerError(Error, LookupError):
+    """A handler name does not resolve to something that makes handlers, or what it
+    resolves to does not make one."""
 
 
 def resolve_handler(spec: str | HandlerFactory) -> HandlerFactory:
     """Turn a built-in name, ``"module:attribute"`` or a factory into a handler factory.
 
+    A class must have ``on_message``; any other callable is called once here to check
+    that it makes handlers (a wrong one then fails when the server is built, not on
+    every connection).
+
     Raises:
         HandlerError: with a one-line reason when the module or attribute cannot be
-            found or imported, or the attribute is not callable.
+            found or imported, or is not something that makes handlers.
     """
     if not isinstance(spec, str):
-        return spec
+        return _checked(spec, getattr(spec, "__qualname__", repr(spec)))
     target = BUILTIN_HANDLERS.get(spec, spec)
     module_name, sep, attribute = target.partition(":")
     if not sep or not module_name or not attribute:
@@ -64,4 +70,21 @@ def resolve_handler(spec: str | HandlerFactory) -> HandlerFactory:
             raise HandlerError(f"module {module_name!r} has no attribute {attribute!r}") from None
     if not callable(factory):
         raise HandlerError(f"handler {spec!r} is not a class or callable")
-    return cast(HandlerFactory, factory)
+    return _checked(cast(HandlerFactory, factory), spec)
+
+
+def _checked(factory: HandlerFactory, name: str) -> HandlerFactory:
+    """``factory`` if it makes handlers; a class is checked as it is, any other callable
+    is called once, here, so that a wrong one fails at start and not per connection."""
+    if isinstance(factory, type):
+        if not callable(getattr(factory, "on_message", None)):
+            raise HandlerError(f"handler {name!r} is a class with no on_message method")
+        return factory
+    try:
+        made = factory()
+    except Exception as exc:
+        raise HandlerError(f"the handler factory {name!r} failed: {exc!r}") from exc
+    if not callable(getattr(made, "on_message", None)):
+        kind = type(made).__name__
+        raise HandlerError(f"handler {name!r} made a {kind}, not a handler (no on_message)")
+    return factory
