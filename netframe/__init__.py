@@ -21,6 +21,7 @@ from netframe._errors import Error
 from netframe._version import __version__
 from netframe.client import ClientError, TcpClient, UdpClient
 from netframe.config import Address, Config, ConfigError, parse_address
+from netframe.framing import Framer
 from netframe.handlers import Connection, Handler, HandlerError, resolve_handler
 from netframe.handlers.echo import EchoHandler
 from netframe.handlers.greeting import GreetingHandler
@@ -37,6 +38,7 @@ __all__ = [
     "Connection",
     "EchoHandler",
     "Error",
+    "Framer",
     "GreetingHandler",
     "Handler",
     "HandlerError",

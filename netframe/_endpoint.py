@@ -70,7 +70,12 @@ class EndpointContext:
     summary: EventSummary = dataclasses.field(
         default_factory=lambda: EventSummary(SUMMARY_INTERVAL_S)
     )
+    # Made by the server (where a user framer's errors are reported); else from config.
+    framers: Callable[[], Framer] | None = None
     framer_factory: Callable[[], Framer] = dataclasses.field(init=False)
+    # The framer's own reply encoding, when it has one (length framing, user framers);
+    # None: replies are payload + terminator, with no call.
+    framer_encodes: bool = dataclasses.field(init=False)
     encoding: str = dataclasses.field(init=False)
     # Per-message debug events are built only when debug is on: the hot path pays one
     # attribute test instead of a logger call.
@@ -84,9 +89,13 @@ class EndpointContext:
 
     def __post_init__(self) -> None:
         config = self.config
-        self.framer_factory = make_framer(
-            config.framing, config.max_line_bytes, config.bare_message_delay_s
+        self.framer_factory = self.framers or make_framer(
+            config.framing,
+            config.max_line_bytes,
+            config.bare_message_delay_s,
+            config.length_prefix_bytes,
         )
+        self.framer_encodes = type(self.framer_factory()).encode is not Framer.encode
         self.encoding = config.encoding
         # Resolve structlog's lazy proxy once: every connection binds from a real logger.
         self.log = self.log.bind()
@@ -97,9 +106,9 @@ class EndpointContext:
         self.debug = floor <= logging.DEBUG and bool(enabled(logging.DEBUG))
         self.info = floor <= logging.INFO and bool(enabled(logging.INFO))
         self.undecodable_reply = error_reply(f"message is not valid {config.encoding}")
-        self.line_limit_reply = error_reply(f"line exceeds {config.max_line_bytes} bytes\n")
+        self.line_limit_reply = error_reply(f"line exceeds {config.max_line_bytes} bytes")
         self.next_id = _connection_ids.__next__
-        self.strip_datagram_terminator = config.framing != "raw"
+        self.strip_datagram_terminator = config.framing in ("auto", "line")
 
     def refused(self, reason: str, count: int = 1) -> None:
         """Count connections refused for ``reason``; log a summary at most once a second."""

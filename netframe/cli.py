@@ -95,7 +95,7 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
             type=_from_text(setting),
             action="append" if repeatable else "store",
             default=None if repeatable else getattr(_DEFAULTS, name),
-            choices=setting.choices or None,
+            choices=(setting.choices or None) if setting.kind == "choice" else None,
             metavar=setting.metavar,
             help=f"{setting.help} (default: {default_text(name)})",
         )

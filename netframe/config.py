@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_PORT",
+    "SERVER_FRAMINGS",
     "Address",
     "Config",
     "ConfigError",
@@ -43,7 +44,10 @@ LogFormat: TypeAlias = Literal["console", "json"]
 # A built-in handler's name, "module:attribute", or a callable that makes one handler.
 HandlerSpec: TypeAlias = "str | Callable[[], Handler]"
 
+#: What the client and the load generator speak.
 FRAMINGS: tuple[Framing, ...] = ("auto", "line", "raw")
+#: What the server frames by name; it also takes ``module:attribute`` for a user framer.
+SERVER_FRAMINGS: tuple[str, ...] = (*FRAMINGS, "length")
 LOOPS: tuple[LoopName, ...] = ("auto", "asyncio", "uvloop")
 LOG_FORMATS: tuple[LogFormat, ...] = ("console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -132,6 +136,7 @@ Kind: TypeAlias = Literal[
     "ports",
     "text",
     "choice",
+    "framing",
     "count",
     "count0",
     "auto_count",
@@ -181,10 +186,13 @@ class Setting:
             return None if text.strip().lower() == "auto" else _whole(text, 1, self.upper)
         if kind in ("seconds", "seconds0"):
             return _seconds(text, allow_zero=kind == "seconds0")
-        if kind == "choice" and text.lower() in self.choices:
+        if kind == "framing" and ":" in text:
+            return text
+        if kind in ("choice", "framing") and text.lower() in self.choices:
             return text.lower()
-        if kind == "choice":
-            raise ConfigError(f"{text!r} is not one of {', '.join(self.choices)}")
+        if kind in ("choice", "framing"):
+            more = " or module:attribute" if kind == "framing" else ""
+            raise ConfigError(f"{text!r} is not one of {', '.join(self.choices)}{more}")
         return text
 
     def check(self, name: str, value: Any) -> None:
@@ -194,7 +202,7 @@ class Setting:
             ConfigError: naming the field and the rule.
         """
         kind = self.kind
-        if kind == "choice":
+        if kind == "choice" or (kind == "framing" and ":" not in str(value)):
             _choice(name, value, self.choices)
         elif kind in ("count", "count0") or (kind == "auto_count" and value is not None):
             lowest = 0 if kind == "count0" else 1
@@ -284,10 +292,17 @@ class Config:
         "greeting", "--handler", "greeting, echo, or module:attribute",
         "the tutorial's exchange", "text",
     )  # fmt: skip
-    framing: Framing = _setting(
-        "auto", "--framing", "how the TCP stream is cut into messages",
-        "serves both the tutorial's bare-word clients and line clients", "choice",
-        choices=FRAMINGS,
+    framing: str = _setting(
+        "auto", "--framing",
+        "how the TCP stream is cut into messages: auto, line, raw, length, or "
+        "module:attribute (your own Framer)",
+        "serves both the tutorial's bare-word clients and line clients", "framing",
+        choices=SERVER_FRAMINGS, metavar="FRAMING",
+    )  # fmt: skip
+    length_prefix_bytes: int = _setting(
+        4, "--length-prefix", "bytes of the big-endian length prefix in length framing (2 or 4)",
+        "4, as Erlang's {packet, 4} and most length-prefixed protocols; 2 for small messages",
+        "count", metavar="2|4", upper=4,
     )  # fmt: skip
     loop: LoopName = _setting(
         "auto", "--loop", "event loop; auto uses uvloop when installed",
@@ -456,6 +471,9 @@ class Config:
             raise ConfigError(f"unknown encoding {self.encoding!r}") from None
         if not (isinstance(self.handler, str) or callable(self.handler)):
             raise ConfigError(f"handler must be a name or a callable, not {self.handler!r}")
+        if self.length_prefix_bytes not in (2, 4):
+            prefix = self.length_prefix_bytes
+            raise ConfigError(f"length_prefix_bytes must be 2 or 4, not {prefix!r}")
         if self.write_buffer_low_bytes > self.write_buffer_high_bytes:
             raise ConfigError(
                 "write_buffer_low_bytes (--write-buffer-low) must not be above "

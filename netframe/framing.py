@@ -23,20 +23,26 @@ The modes:
     by what TCP guarantees about segment sizes: see :class:`AutoFramer`, where every
     rule of the mode lives.
 
+``length``
+    A big-endian length prefix (4 or 2 bytes) before each message and each reply.
+
+Users frame other formats with a :class:`Framer` subclass, named as ``module:attribute``.
+
 End of input and elapsed time are events a framer receives (:meth:`Framer.eof`,
 :meth:`Framer.timeout`), never something it looks up: the framer reads no clock.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Callable
-from typing import Final, Protocol
-
-from netframe.config import Framing
+from typing import Any, Final
 
 __all__ = [
     "AutoFramer",
     "Framer",
+    "LengthFramer",
     "LineFramer",
     "Message",
     "RawFramer",
@@ -54,50 +60,60 @@ CRLF: Final = b"\r\n"
 NONE: Final = b""
 
 
-class Framer(Protocol):
-    """What an endpoint needs from a framing mode.
+class Framer:
+    """The interface between the byte stream and messages; subclass it for your own framing.
 
-    A framer is sans-IO: bytes in through :meth:`feed`, messages out, and two events that
-    are not bytes, end of input (:meth:`eof`) and "the time you asked for has passed"
-    (:meth:`timeout`). A framer that wants to hear about time says so in
-    :attr:`wake_after` after a call; the endpoint then calls :meth:`timeout` that many
-    seconds later unless more bytes (or the end) come first. A framer that never needs
-    a timer keeps ``wake_after = None`` and the endpoint never makes one.
+    A framer is sans-IO: bytes in through :meth:`feed`, ``(payload, terminator)``
+    messages out, replies out through :meth:`encode`, and two events that are not bytes,
+    end of input (:meth:`eof`) and "the time you asked for has passed" (:meth:`timeout`).
+    It opens no socket and reads no clock. One framer serves one connection.
+
+    Only :meth:`feed` must be written; every other member has a default that fits a
+    framer with no timer, no held input and replies ended by their terminator. Keep the
+    attributes true after each call, because the endpoint reads them:
+
+    - :attr:`overflow`: set it when the stream can no longer be framed (a message over
+      the limit). The messages returned by that call are the last ones handled; the
+      client gets an error line and the connection closes.
+    - :attr:`partial`: the bytes of a message that has begun and is not complete. While
+      it is not empty the message deadline runs, and at a graceful stop the connection
+      is left to finish it.
+    - :attr:`unparsed`: received bytes holding further complete messages not returned
+      yet (a framer may return messages in batches); ``feed(b"")`` must return them.
+    - :attr:`wake_after`: seconds after which :meth:`timeout` is wanted, or ``None``.
+      The endpoint calls :meth:`timeout` that long after a call unless more bytes (or
+      the end) come first; a framer that keeps ``None`` never costs a timer.
+
+    Raise nothing from :meth:`feed`: bad input is :attr:`overflow`, or a message the
+    handler can refuse.
     """
 
-    #: The terminator for messages sent before the peer said anything (the greeting).
-    greeting_terminator: bytes
-    #: True once a message exceeded the limit; the framer then yields nothing more, and
-    #: the messages returned with the call that set it are the last ones.
-    overflow: bool
+    #: Ends replies sent before the peer said anything (the greeting, a push).
+    greeting_terminator: bytes = b"\n"
+    overflow: bool = False
+    partial: bytes | bytearray = b""
+    unparsed: bytes = b""
+    wake_after: float | None = None
 
-    @property
-    def wake_after(self) -> float | None:
-        """Seconds after which :meth:`timeout` is wanted, or None (after each call)."""
-        ...
-
-    @property
-    def unparsed(self) -> bytes:
-        """Received bytes not yet cut into messages: ``feed(b"")`` returns the next ones."""
-        ...
-
-    @property
-    def partial(self) -> bytes | bytearray:
-        """The unfinished message held so far (empty when the stream is at a boundary):
-        the endpoint times a message that has started against its deadline."""
-        ...
+    __slots__ = ()
 
     def feed(self, data: bytes) -> list[Message]:
-        """Take the next chunk of the stream and return the messages it completes."""
-        ...
+        """Take the next bytes of the stream (``b""``: only what is held); return the
+        messages they complete, each ``(payload, terminator)``."""
+        raise NotImplementedError
 
     def eof(self) -> list[Message]:
         """The peer will send no more: return what the held bytes amount to, if anything."""
-        ...
+        return []
 
     def timeout(self) -> list[Message]:
         """The time asked for in :attr:`wake_after` has passed with nothing new."""
-        ...
+        return []
+
+    def encode(self, payload: bytes, terminator: bytes) -> bytes:
+        """The bytes that carry one reply: by default the payload and the terminator of
+        the message it answers (``b"\n"`` for a line client, nothing for a bare one)."""
+        return payload + terminator
 
 
 def split_terminator(payload: bytes) -> Message:
@@ -109,7 +125,7 @@ def split_terminator(payload: bytes) -> Message:
     return payload, NONE
 
 
-class RawFramer:
+class RawFramer(Framer):
     """Every chunk is one message, with no terminator; a longer chunk is cut into pieces
     of ``max_bytes``.
 
@@ -144,7 +160,7 @@ def _pieces(data: bytes, size: int) -> list[Message]:
     return [(data[i : i + size], NONE) for i in range(0, len(data), size)]
 
 
-class LineFramer:
+class LineFramer(Framer):
     """Newline-delimited messages of at most ``max_line_bytes`` bytes each.
 
     One call returns at most ``MAX_BATCH`` messages; complete lines beyond those stay
@@ -306,10 +322,113 @@ class AutoFramer(LineFramer):
         return [(message, NONE)]
 
 
-def make_framer(framing: Framing, max_line_bytes: int, bare_delay_s: float) -> Callable[[], Framer]:
-    """Return a factory of fresh framers for one mode (one framer per connection)."""
+class LengthFramer(Framer):
+    """Messages behind a big-endian length prefix of ``prefix_bytes`` (4 or 2) bytes.
+
+    As Netty's ``LengthFieldBasedFrameDecoder`` and Erlang's ``{packet, 4}``: the
+    prefix gives the payload's length, without counting itself. A length over
+    ``max_bytes`` overflows the framer as soon as the prefix is read, before anything is
+    allocated for the payload. Replies carry the same prefix; a reply too long for a
+    2-byte prefix raises ``ValueError`` (a handler error: that connection closes).
+    """
+
+    __slots__ = ("_buffer", "_limit", "_prefix", "overflow")
+    greeting_terminator = NONE
+
+    def __init__(self, max_bytes: int, prefix_bytes: int = 4) -> None:
+        if prefix_bytes not in (2, 4):
+            raise ValueError(f"prefix_bytes must be 2 or 4, not {prefix_bytes!r}")
+        self._prefix = prefix_bytes
+        self._limit = min(max_bytes, 2 ** (8 * prefix_bytes) - 1)
+        self._buffer = bytearray()
+        self.overflow = False
+
+    @property
+    def partial(self) -> bytes | bytearray:  # type: ignore[override]
+        return self._buffer if self._buffer and not self._complete() else NONE
+
+    @property
+    def unparsed(self) -> bytes:  # type: ignore[override]
+        return NONE if self.overflow or not self._complete() else bytes(self._buffer)
+
+    def _complete(self) -> bool:
+        buffer, prefix = self._buffer, self._prefix
+        return len(buffer) >= prefix and (
+            len(buffer) - prefix >= int.from_bytes(buffer[:prefix], "big")
+        )
+
+    def feed(self, data: bytes) -> list[Message]:
+        if self.overflow:
+            return []
+        buffer, prefix, limit = self._buffer, self._prefix, self._limit
+        buffer += data
+        messages: list[Message] = []
+        start = 0
+        while len(buffer) - start >= prefix and len(messages) < MAX_BATCH:
+            size = int.from_bytes(buffer[start : start + prefix], "big")
+            if size > limit:
+                self.overflow = True
+                del buffer[:]
+                return messages
+            end = start + prefix + size
+            if end > len(buffer):
+                break
+            messages.append((bytes(buffer[start + prefix : end]), NONE))
+            start = end
+        del buffer[:start]
+        return messages
+
+    def encode(self, payload: bytes, terminator: bytes) -> bytes:
+        return len(payload).to_bytes(self._prefix, "big") + payload
+
+
+def make_framer(
+    framing: str, max_line_bytes: int, bare_delay_s: float, length_prefix_bytes: int = 4
+) -> Callable[[], Framer]:
+    """Return a factory of fresh framers for one mode (one framer per connection).
+
+    ``framing`` is a built-in name or ``module:attribute``: a :class:`Framer` subclass,
+    or any callable, called with ``max_message_bytes`` (``max_line_bytes``) as its one
+    keyword argument if it takes it, and with no argument otherwise.
+
+    Raises:
+        ValueError: with a one-line reason when ``module:attribute`` cannot be imported
+            or does not make framers (one is made here to check).
+    """
     if framing == "raw":
         return lambda: RawFramer(max_line_bytes)
     if framing == "auto":
         return lambda: AutoFramer(max_line_bytes, bare_delay_s)
-    return lambda: LineFramer(max_line_bytes)
+    if framing == "line":
+        return lambda: LineFramer(max_line_bytes)
+    if framing == "length":
+        return lambda: LengthFramer(max_line_bytes, length_prefix_bytes)
+    return _user_framer(framing, max_line_bytes)
+
+
+def _user_framer(spec: str, max_bytes: int) -> Callable[[], Framer]:
+    module_name, _, attribute = spec.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot load framer {spec!r}: {exc}") from None
+    try:
+        takes_limit = "max_message_bytes" in inspect.signature(target).parameters
+    except (TypeError, ValueError):  # not introspectable: call it with no argument
+        takes_limit = False
+
+    def factory() -> Framer:
+        return target(max_message_bytes=max_bytes) if takes_limit else target()  # type: ignore[no-any-return]
+
+    try:
+        trial = factory()
+    except Exception as exc:
+        raise ValueError(f"framer {spec!r} failed: {exc!r}") from None
+    if not callable(getattr(trial, "feed", None)):
+        raise ValueError(f"framer {spec!r} made a {type(trial).__name__}, not a framer")
+    for name in vars(Framer):
+        if not name.startswith("_") and not hasattr(trial, name):
+            raise ValueError(f"framer {spec!r} has no {name!r}: subclass netframe.Framer")
+    return factory

@@ -38,7 +38,8 @@ from typing import Any, Final
 from netframe._datagram import open_datagram_endpoint
 from netframe._endpoint import TICK_S, EndpointContext
 from netframe._errors import Error
-from netframe.config import Address, Config
+from netframe.config import Address, Config, ConfigError
+from netframe.framing import make_framer
 from netframe.handlers import HandlerError, resolve_handler
 from netframe.limits import connection_budget
 from netframe.logs import configure_logging, flush_logs, get_logger
@@ -93,6 +94,15 @@ class Server:
             config = config.replace(**settings)
         self.config = config
         self._handler_factory = resolve_handler(config.handler)
+        try:
+            self._framer_factory = make_framer(
+                config.framing,
+                config.max_line_bytes,
+                config.bare_message_delay_s,
+                config.length_prefix_bytes,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self._log = get_logger()
         self._ctx: EndpointContext | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -147,7 +157,9 @@ class Server:
         if self._ctx is not None:
             raise RuntimeError("server already started")
         loop = self._loop = asyncio.get_running_loop()
-        ctx = self._ctx = EndpointContext(self.config, self._handler_factory, self._log)
+        ctx = self._ctx = EndpointContext(
+            self.config, self._handler_factory, self._log, framers=self._framer_factory
+        )
         ctx.now = loop.time()
         try:
             for address in self.config.tcp_addresses:

@@ -58,9 +58,9 @@ _DRAIN_CHUNK: Final = 64
 #: timeout is set.
 _LINGER_S: Final = 30.0
 
-TOO_MANY_REPLY: Final = error_reply("too many connections\n")
-TOO_MANY_FROM_IP_REPLY: Final = error_reply("too many connections from your address\n")
-MESSAGE_TIMEOUT_REPLY: Final = error_reply("message timed out\n")
+TOO_MANY_REPLY: Final = error_reply("too many connections")
+TOO_MANY_FROM_IP_REPLY: Final = error_reply("too many connections from your address")
+MESSAGE_TIMEOUT_REPLY: Final = error_reply("message timed out")
 
 
 class _Overflow(bytes):
@@ -339,11 +339,15 @@ class TcpEndpoint(asyncio.Protocol):
         if isinstance(message, str):
             message = message.encode(self._ctx.encoding)
         self.messages_out += 1
+        if self._ctx.framer_encodes:
+            data = self._framer.encode(message, self._terminator)
+        else:
+            data = message + self._terminator
         batch = self._batch
         if batch is not None:
-            batch.append(message + self._terminator)
+            batch.append(data)
         else:
-            self._write(message + self._terminator)
+            self._write(data)
 
     def close(self) -> None:
         self._close("handler_closed")
@@ -637,7 +641,7 @@ class TcpEndpoint(asyncio.Protocol):
         self.close_reason = reason
         transport = self._transport
         if transport is not None:
-            transport.write(reply)
+            transport.write(self._framer.encode(reply, LF))
             transport.close()
         self._ctx.refused(reason)
 
@@ -646,7 +650,7 @@ class TcpEndpoint(asyncio.Protocol):
         if self._undecodable == 1:
             self.log.warning(UNDECODABLE_EVENT, encoding=self._ctx.encoding)
         # Answered like any reply: with the message's own line ending, or none if bare.
-        self._reply_error(self._ctx.undecodable_reply + self._terminator)
+        self._reply_error(self._ctx.undecodable_reply, self._terminator)
 
     def _refuse_overlong(self) -> None:
         limit = self._ctx.config.max_line_bytes
@@ -654,8 +658,11 @@ class TcpEndpoint(asyncio.Protocol):
         self._reply_error(self._ctx.line_limit_reply)
         self._close("line_too_long")
 
-    def _reply_error(self, line: bytes) -> None:
+    def _reply_error(self, text: bytes, terminator: bytes = LF) -> None:
+        """An ``Error: ...`` reply, framed as the connection frames replies (a line by
+        default, whatever message it answers: the client must be able to read it)."""
         self.messages_out += 1
+        line = self._framer.encode(text, terminator)
         if self._batch is not None:
             self._batch.append(line)
         else:

@@ -115,3 +115,25 @@ def test_async_handler_from_the_docs(cli_server: Callable[..., CliServer]) -> No
         while received.count(b"\n") < 3:
             received += sock.recv(1024)
     assert received == b"alice: 555-0100\nnobody: unknown\nBob: 555-0199\n"
+
+
+@pytest.mark.usefixtures("examples_on_path")
+def test_custom_framer_from_the_docs_over_tcp(cli_server: Callable[..., CliServer]) -> None:
+    server = cli_server("--framing", "netstring:Netstring", "--tcp", "127.0.0.1:0")
+    with socket.create_connection(server.address("tcp"), timeout=10) as sock:
+        sock.sendall(b"3:Bob,5:Ali")  # one whole message and the start of another
+        sock.sendall(b"ce,")
+        expected = b"8:Welcome!,11:Hello, Bob!,13:Hello, Alice!,"
+        received = b""
+        while len(received) < len(expected):
+            chunk = sock.recv(1024)
+            assert chunk, received
+            received += chunk
+        assert received == expected
+        sock.sendall(b"x:")  # not a netstring: one framed error, then the close
+        rest = b""
+        while chunk := sock.recv(1024):
+            rest += chunk
+        assert rest == b"%d:Error: line exceeds 65536 bytes," % len(
+            b"Error: line exceeds 65536 bytes"
+        )

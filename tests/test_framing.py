@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import unittest.mock
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -14,9 +15,17 @@ from netframe import framing
 from netframe.framing import (
     SEGMENT_FLOOR as SEGMENT,
 )
-from netframe.framing import AutoFramer, Framer, LineFramer, RawFramer, split_terminator
+from netframe.framing import (
+    AutoFramer,
+    Framer,
+    LengthFramer,
+    LineFramer,
+    RawFramer,
+    split_terminator,
+)
 
 LIMIT = 1024
+EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 
 
 def feed_all(framer: Framer, chunks: list[bytes]) -> list[tuple[bytes, bytes]]:
@@ -328,3 +337,62 @@ class LineFramerUnderLimit(RuleBasedStateMachine):
 
 
 TestLineFramerUnderLimit = LineFramerUnderLimit.TestCase
+
+
+# -- length framing ------------------------------------------------------------------
+
+
+def prefixed(payload: bytes, size: int = 4) -> bytes:
+    return len(payload).to_bytes(size, "big") + payload
+
+
+@pytest.mark.parametrize("size", [2, 4])
+@given(payloads=st.lists(st.binary(max_size=300), max_size=10), cuts=st.lists(st.integers(0, 4000)))
+def test_length_any_chunking_gives_the_same_messages(
+    size: int, payloads: list[bytes], cuts: list[int]
+) -> None:
+    stream = b"".join(prefixed(p, size) for p in payloads)
+    edges = [0, *sorted(c for c in cuts if c <= len(stream)), len(stream)]
+    framer = LengthFramer(1024, size)
+    got = feed_and_pump(framer, [stream[a:b] for a, b in itertools.pairwise(edges)], 10**6)
+    assert got == [(p, b"") for p in payloads]
+    assert not framer.partial
+    assert not framer.overflow
+
+
+def test_length_refuses_an_oversized_message_at_its_prefix_before_the_payload() -> None:
+    framer = LengthFramer(1024)
+    assert framer.feed(prefixed(b"ok") + (10**9).to_bytes(4, "big")) == [(b"ok", b"")]
+    assert framer.overflow  # no payload byte needed: nothing was allocated for it
+    assert framer.feed(b"more") == []
+
+
+def test_length_holds_a_partial_message_and_encodes_replies_with_its_prefix() -> None:
+    framer = LengthFramer(1024, 2)
+    assert framer.feed(b"\x00\x05hel") == []
+    assert framer.partial
+    assert framer.feed(b"lo") == [(b"hello", b"")]
+    assert not framer.partial
+    assert framer.encode(b"Hello, hello!", b"") == b"\x00\x0dHello, hello!"
+
+
+def test_length_returns_at_most_a_batch_per_call() -> None:
+    framer = LengthFramer(1024)
+    framer.feed(prefixed(b"x") * (framing.MAX_BATCH + 3))
+    assert framer.unparsed
+    assert framer.feed(b"") == [(b"x", b"")] * 3
+
+
+def test_a_user_framer_is_loaded_by_module_and_attribute(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    framer = framing.make_framer("netstring:Netstring", 16, 0.25)()
+    assert framer.feed(b"5:hello,") == [(b"hello", b"")]
+    assert framer.encode(b"hi", b"") == b"2:hi,"
+    for spec, error in [
+        ("netstring:Nope", "cannot load framer"),
+        ("no_such_module:X", "cannot load framer"),
+        ("json:dumps", "failed"),
+        ("collections:OrderedDict", "not a framer"),
+    ]:
+        with pytest.raises(ValueError, match=error):
+            framing.make_framer(spec, 16, 0.25)

@@ -531,3 +531,20 @@ async def test_auto_a_bare_client_that_sends_a_newline_is_still_answered() -> No
         reply = b"Hello, Sarah!"
         assert await asyncio.wait_for(reader.readexactly(len(reply)), 10) == reply
         writer.close()
+
+
+@pytest.mark.asyncio
+async def test_length_framing_frames_the_greeting_replies_and_refusals() -> None:
+    async with serving(
+        framing="length", length_prefix_bytes=2, max_line_bytes=64, **TCP_ONLY
+    ) as srv:
+        reader, writer = await connect(srv)
+        assert await asyncio.wait_for(reader.readexactly(10), 10) == b"\x00\x08Welcome!"
+        writer.write(b"\x00\x03Bob\x00\x05Al")
+        writer.write(b"ice")
+        expected = b"\x00\x0bHello, Bob!\x00\x0dHello, Alice!"
+        assert await asyncio.wait_for(reader.readexactly(len(expected)), 10) == expected
+        writer.write(b"\xff\xff")  # 65,535 bytes announced: over the limit at once
+        error = b"Error: line exceeds 64 bytes"
+        assert await read_until_closed(reader) == len(error).to_bytes(2, "big") + error
+        writer.close()
