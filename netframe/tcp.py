@@ -81,6 +81,7 @@ class TcpEndpoint(asyncio.Protocol):
         "_closed_at",
         "_closing",
         "_ctx",
+        "_encode",
         "_eof",
         "_framer",
         "_framer_timer",
@@ -114,7 +115,9 @@ class TcpEndpoint(asyncio.Protocol):
 
     def __init__(self, ctx: EndpointContext) -> None:
         self._ctx = ctx
-        self._framer = ctx.framer_factory()
+        self._framer = framer = ctx.framer_factory()
+        # The framer's reply encoding if it has its own; else a reply is payload + ending.
+        self._encode = framer.encode if ctx.framer_encodes else None
         self._handler: Handler | None = None  # made in connection_made, where errors are caught
         self._transport: asyncio.Transport | None = None
         # Replies made while a batch of input is handled; None outside a batch, when
@@ -339,10 +342,8 @@ class TcpEndpoint(asyncio.Protocol):
         if isinstance(message, str):
             message = message.encode(self._ctx.encoding)
         self.messages_out += 1
-        if self._ctx.framer_encodes:
-            data = self._framer.encode(message, self._terminator)
-        else:
-            data = message + self._terminator
+        encode = self._encode
+        data = message + self._terminator if encode is None else encode(message, self._terminator)
         batch = self._batch
         if batch is not None:
             batch.append(data)
@@ -470,6 +471,7 @@ class TcpEndpoint(asyncio.Protocol):
             ctx = self._ctx
             on_message = handler.on_message
             encoding = ctx.encoding if handler.text else None
+            batch = self._batch
             rest = iter(messages)
             for payload, self._terminator in rest:
                 if self._closing:
@@ -496,7 +498,7 @@ class TcpEndpoint(asyncio.Protocol):
                     self._await(result)
                     self._requeue(rest)
                     break
-                if len(self._batch) >= _BATCH_FLUSH:
+                if len(batch) >= _BATCH_FLUSH:
                     self._flush()
                     if self._writes_paused:
                         self._requeue(rest)

@@ -396,3 +396,16 @@ def test_a_user_framer_is_loaded_by_module_and_attribute(monkeypatch: pytest.Mon
     ]:
         with pytest.raises(ValueError, match=error):
             framing.make_framer(spec, 16, 0.25)
+
+
+@given(
+    data=st.binary(max_size=3000), cuts=st.lists(st.integers(0, 3000)), limit=st.integers(1, 700)
+)
+def test_raw_any_chunking_keeps_every_byte_in_order_in_pieces_within_the_limit(
+    data: bytes, cuts: list[int], limit: int
+) -> None:
+    edges = [0, *sorted(c for c in cuts if c <= len(data)), len(data)]
+    framer = RawFramer(limit)
+    messages = feed_all(framer, [data[a:b] for a, b in itertools.pairwise(edges)])
+    assert b"".join(payload for payload, _ in messages) == data
+    assert all(0 < len(payload) <= limit and end == b"" for payload, end in messages)
