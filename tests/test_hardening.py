@@ -843,6 +843,18 @@ def test_04_slowloris_times_out_from_the_first_byte_and_others_are_served(
 # == 5. clients that pipeline ======================================================================
 
 
+def assert_memory_bound(pid: int, baseline: int, peak: int) -> None:
+    """RSS grew less than 10 MB at peak and comes back within 2 MB of the start."""
+    growth = peak - baseline
+    assert growth < 10 * MiB, f"RSS grew {growth / MiB:.1f} MiB at peak"
+    try:
+        wait_until(lambda: rss(pid) - baseline < 2 * MiB, 10, "RSS back within 2 MiB")
+    except AssertionError:
+        raise AssertionError(
+            f"RSS still {(rss(pid) - baseline) / MiB:.1f} MiB above the start"
+        ) from None
+
+
 @pytest.mark.timeout(90)
 def test_05_client_that_pipelines_and_never_reads_is_throttled_then_aborted(
     cli_server: StartServer,
@@ -868,14 +880,7 @@ def test_05_client_that_pipelines_and_never_reads_is_throttled_then_aborted(
         time.sleep(0.3)
     assert bystanders.failures == [], bystanders.failures
     assert bystanders.served >= 3
-    growth = sampler.peak - baseline
-    assert growth < 10 * MiB, f"RSS grew {growth / MiB:.1f} MiB at peak"
-    try:
-        wait_until(lambda: rss(pid) - baseline < 2 * MiB, 10, "RSS back within 2 MiB")
-    except AssertionError:
-        raise AssertionError(
-            f"RSS still {(rss(pid) - baseline) / MiB:.1f} MiB above the start"
-        ) from None
+    assert_memory_bound(pid, baseline, sampler.peak)
     assert_served(addr)
     assert_clean_log(server)
 
@@ -915,14 +920,7 @@ def test_05_client_that_pipelines_and_reads_stays_within_the_memory_bound(
         assert errors == []
         assert len(received) == count * len(reply)
         assert received == reply * count
-    growth = sampler.peak - baseline
-    assert growth < 10 * MiB, f"RSS grew {growth / MiB:.1f} MiB at peak"
-    try:
-        wait_until(lambda: rss(pid) - baseline < 2 * MiB, 10, "RSS back within 2 MiB")
-    except AssertionError:
-        raise AssertionError(
-            f"RSS still {(rss(pid) - baseline) / MiB:.1f} MiB above the start"
-        ) from None
+    assert_memory_bound(pid, baseline, sampler.peak)
     assert_clean_log(server)
 
 
