@@ -30,8 +30,12 @@ def run_seed(script: str, port: int) -> str:
 
 
 def port_9999_free() -> bool:
+    """Free for the server: bound as the server binds, so that a connection of an earlier
+    run still in TIME_WAIT (which the server's SO_REUSEADDR ignores) does not count."""
     for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
         with socket.socket(socket.AF_INET, kind) as probe:
+            if kind == socket.SOCK_STREAM:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(("127.0.0.1", 9999))
             except OSError:
