@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Connect, print what the server says, send each NAME and print each "
         "reply, then send exit (TCP).",
     )
-    client.add_argument("address", type=_address, metavar="HOST:PORT")
+    # Optional to argparse only so that its message names what is missing: HOST:PORT.
+    client.add_argument("address", type=_address, metavar="HOST:PORT", nargs="?")
     client.add_argument(
         "names",
         nargs="*",
@@ -151,7 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="line sends each NAME with a newline; auto and raw send bare "
         "words as the seeds do (default: %(default)s)",
     )
-    client.add_argument("--encoding", default="utf-8", help="(default: %(default)s)")
+    client.add_argument(
+        "--encoding",
+        default="utf-8",
+        help="text encoding of the names sent and the replies shown (default: %(default)s)",
+    )
     client.add_argument(
         "--timeout",
         type=_positive(float),
@@ -159,7 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="timeout_s",
         help="seconds to wait for each step (default: %(default)s)",
     )
-    client.add_argument("--loop", choices=LOOPS, default="auto", help="(default: %(default)s)")
+    client.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="auto",
+        help="event loop; auto uses uvloop when installed (default: %(default)s)",
+    )
     client.set_defaults(func=_client)
 
     from netframe.bench.cli import add_bench_parser
@@ -186,21 +196,26 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> int:
+    if args.address is None:
+        return _fail("the following argument is required: HOST:PORT (see --help)", EXIT_USAGE)
     try:
         factory = loop_factory(args.loop)
         Config(encoding=args.encoding)  # validates the encoding name
     except (LoopUnavailable, ConfigError) as exc:
         return _fail(str(exc), EXIT_USAGE)
     names = args.names or list(DEFAULT_NAMES)
+    for name in names:  # before connecting: a name that cannot be sent is a usage error
+        try:
+            name.encode(args.encoding)
+        except UnicodeEncodeError as exc:
+            bad = exc.object[exc.start : exc.end]
+            return _fail(f"cannot encode {bad!r} as {args.encoding}", EXIT_USAGE)
     talk = _talk_udp if args.udp else _talk_tcp
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(talk(args, names))
     except ClientError as exc:
         return _fail(str(exc), EXIT_FAILURE)
-    except UnicodeEncodeError as exc:
-        return _fail(f"cannot encode {exc.object[exc.start:exc.end]!r} as {args.encoding}",
-                     EXIT_USAGE)  # fmt: skip
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     return 0

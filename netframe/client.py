@@ -147,14 +147,15 @@ class TcpClient:
 
 class _DatagramReceiver(asyncio.DatagramProtocol):
     def __init__(self) -> None:
-        self.replies: asyncio.Queue[bytes] = asyncio.Queue()
-        self.error: Exception | None = None
+        # Replies, and errors the system reports (an ICMP "port unreachable" comes back
+        # as ConnectionRefusedError): a waiting receive() learns of either at once.
+        self.replies: asyncio.Queue[bytes | Exception] = asyncio.Queue()
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         self.replies.put_nowait(data)
 
     def error_received(self, exc: Exception) -> None:
-        self.error = exc
+        self.replies.put_nowait(exc)
 
 
 class UdpClient:
@@ -191,14 +192,17 @@ class UdpClient:
         """Return the next datagram received.
 
         Raises:
-            ClientError: nothing arrived within ``timeout_s``, or the port is closed.
+            ClientError: nothing arrived within ``timeout_s``, or, as soon as the system
+                says so, nothing listens on the port ("Connection refused").
         """
         try:
-            return await asyncio.wait_for(self._protocol.replies.get(), self.timeout_s)
+            reply = await asyncio.wait_for(self._protocol.replies.get(), self.timeout_s)
         except TimeoutError:
-            error = self._protocol.error
-            reason = f": {error.strerror or error}" if isinstance(error, OSError) else ""
-            raise ClientError(f"no reply within {self.timeout_s:g} s{reason}") from None
+            raise ClientError(f"no reply within {self.timeout_s:g} s") from None
+        if isinstance(reply, Exception):
+            reason = reply.strerror if isinstance(reply, OSError) else None
+            raise ClientError(f"no reply: {reason or reply}")
+        return reply
 
     async def request(self, message: str | bytes, encoding: str = "utf-8") -> bytes:
         """Send one datagram and return the first datagram that comes back."""

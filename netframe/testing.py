@@ -146,8 +146,12 @@ def _no_await(result: Awaitable[None] | None, instead: str) -> None:
 
 
 def _loopback_defaults(settings: dict[str, Any]) -> dict[str, Any]:
-    if "tcp" not in settings and "udp" not in settings:
-        settings = {**settings, "tcp": ["127.0.0.1:0"], "udp": ["127.0.0.1:0"]}
+    """A free 127.0.0.1 port for each transport not given, unless the other transport was
+    given listeners of its own: ``udp=[]`` means TCP only, ``tcp=[...]`` that TCP only."""
+    given = dict(settings)
+    for transport, other in (("tcp", "udp"), ("udp", "tcp")):
+        if transport not in given and not given.get(other):
+            settings = {**settings, transport: ["127.0.0.1:0"]}
     return settings
 
 

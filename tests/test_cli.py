@@ -36,6 +36,11 @@ from conftest import CliServer, assert_one_line_error, run_netframe
         (["serve", "--max-connections", "many"], "'many' is not a whole number"),
         (["serve", "--udp-allow-port", "70000"], "must be at most 65535"),
         (["client", "localhost"], "malformed address"),
+        (["client"], "required: HOST:PORT (see --help)"),
+        (
+            ["client", "127.0.0.1:1", "--encoding", "ascii", "Zo\u00eb"],
+            "cannot encode 'ë' as ascii",
+        ),
         (["client", "127.0.0.1:1", "--timeout", "x"], "is not a number"),
         (["nosuchcommand"], "invalid choice"),
         ([], "required: command"),
@@ -180,6 +185,10 @@ def test_client_refused_and_timeout_are_one_line_errors() -> None:
         port = silent.getsockname()[1]
         done = run_netframe("client", f"127.0.0.1:{port}", "--udp", "--timeout", "0.3")
     assert_one_line_error(done, 1, "no reply within 0.3 s")
+    # Nothing listens at all: the system says so, and the client says so at once, not
+    # after its timeout (60 s here, far above the test's own bound).
+    done = run_netframe("client", f"127.0.0.1:{port}", "--udp", "--timeout", "60", timeout_s=30)
+    assert_one_line_error(done, 1, "no reply: Connection refused")
 
 
 def test_custom_handler_by_module_path(

@@ -383,3 +383,12 @@ async def test_every_netframe_exception_shares_one_base_and_keeps_its_builtin_ki
 async def test_a_handler_factory_is_checked_once_when_the_server_is_built() -> None:
     with pytest.raises(netframe.HandlerError, match="made a int, not a handler"):
         Server(handler=lambda: 42, tcp=["127.0.0.1:0"])
+
+
+async def test_testing_helpers_take_an_empty_list_as_that_transport_off() -> None:
+    async with serving(udp=[]) as server:
+        assert [bound.transport for bound in server.addresses] == ["tcp"]
+    async with serving(tcp=["127.0.0.1:0"]) as server:
+        assert [bound.transport for bound in server.addresses] == ["tcp"]
+    async with serving() as server:
+        assert sorted(bound.transport for bound in server.addresses) == ["tcp", "udp"]

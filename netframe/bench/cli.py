@@ -47,8 +47,20 @@ def add_bench_parser(commands: Any, address: Any, positive_int: Any, positive_fl
         type=positive_int,
         help="the target server's process id, to read its CPU and memory",
     )
-    bench.add_argument("--scenario", choices=SCENARIOS, default="greeting")
-    bench.add_argument("--conns", type=positive_int, default=50, help="concurrent connections")
+    bench.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default="greeting",
+        help="sessions: connect, greeting, one name, exit, close; greeting: round trips on "
+        "open connections; echo: --size bytes echoed; udp: datagrams; hold: idle "
+        "connections held for memory (default: %(default)s)",
+    )
+    bench.add_argument(
+        "--conns",
+        type=positive_int,
+        default=50,
+        help="concurrent connections (default: %(default)s)",
+    )
     bench.add_argument(
         "--duration",
         type=positive_float,
