@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     client = commands.add_parser(
         "client",
-        help="talk to a server as the seeds' client does",
+        help="talk to a server as the tutorial's client does",
         description="Connect, print what the server says, send each NAME and print each "
         "reply, then send exit (TCP).",
     )
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=FRAMINGS,
         default="auto",
         help="line sends each NAME with a newline; auto and raw send bare "
-        "words as the seeds do (default: %(default)s)",
+        "words as the tutorial's client does (default: %(default)s)",
     )
     client.add_argument(
         "--encoding",

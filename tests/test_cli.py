@@ -210,3 +210,10 @@ def test_custom_handler_by_module_path(
     with socket.create_connection(server.address("tcp"), timeout=10) as client:
         client.sendall(b"hi\n")
         assert client.recv(100) == b"HI\n"
+
+
+def test_udp_address_in_use_names_the_reason(cli_server: Callable[..., CliServer]) -> None:
+    server = cli_server("--udp", "127.0.0.1:0")
+    host, port = server.address("udp")
+    done = run_netframe("serve", "--udp", f"{host}:{port}")
+    assert_one_line_error(done, 1, f"cannot listen on udp {host}:{port}: Address already in use")
