@@ -22,17 +22,28 @@ from netframe._version import __version__
 from netframe.client import ClientError, TcpClient, UdpClient
 from netframe.config import Address, Config, ConfigError, parse_address
 from netframe.framing import Framer
-from netframe.handlers import Connection, Handler, HandlerError, resolve_handler
+from netframe.handlers import (
+    CloseReason,
+    Connection,
+    Handler,
+    HandlerError,
+    InetAddress,
+    PeerAddress,
+    TlsInfo,
+    UnixAddress,
+    resolve_handler,
+)
 from netframe.handlers.echo import EchoHandler
 from netframe.handlers.greeting import GreetingHandler
 from netframe.logs import configure_logging
 from netframe.loops import LoopUnavailable
-from netframe.server import BoundAddress, ListenError, RunInLoopError, Server, run
+from netframe.server import BoundAddress, ListenError, RunInLoopError, Server, StartError, run
 
 __all__ = [
     "Address",
     "BoundAddress",
     "ClientError",
+    "CloseReason",
     "Config",
     "ConfigError",
     "Connection",
@@ -42,12 +53,17 @@ __all__ = [
     "GreetingHandler",
     "Handler",
     "HandlerError",
+    "InetAddress",
     "ListenError",
     "LoopUnavailable",
+    "PeerAddress",
     "RunInLoopError",
     "Server",
+    "StartError",
     "TcpClient",
+    "TlsInfo",
     "UdpClient",
+    "UnixAddress",
     "__version__",
     "configure_logging",
     "parse_address",

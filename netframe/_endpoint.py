@@ -9,9 +9,9 @@ import logging
 from collections.abc import Callable
 from typing import Any, Final
 
-from netframe.config import Address, Config
+from netframe.config import Config
 from netframe.framing import Framer, make_framer
-from netframe.handlers import Handler
+from netframe.handlers import Handler, InetAddress, PeerAddress
 from netframe.limits import DeadlineWheel, EventSummary
 
 __all__ = ["TICK_S", "EndpointContext", "error_reply", "format_peer", "normalise_host"]
@@ -28,9 +28,12 @@ SUMMARY_INTERVAL_S: Final = 1.0
 _connection_ids = itertools.count(1)
 
 
-def format_peer(peer: tuple[Any, ...]) -> str:
-    """``("::1", 5000, 0, 0)`` -> ``"[::1]:5000"``; the form used in every log event."""
-    return str(Address(str(peer[0]), peer[1])) if len(peer) >= 2 else "unknown"
+def format_peer(peer: PeerAddress | tuple[Any, ...] | None) -> str:
+    """``("::1", 5000, 0, 0)`` or its :class:`InetAddress` -> ``"[::1]:5000"``; the form
+    used in every log event."""
+    if isinstance(peer, tuple):
+        peer = InetAddress.from_sockaddr(peer)
+    return "unknown" if peer is None else str(peer)
 
 
 def normalise_host(host: str) -> str:

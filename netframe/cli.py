@@ -29,7 +29,7 @@ from netframe.config import (
 )
 from netframe.handlers import HandlerError
 from netframe.loops import LoopUnavailable, loop_factory
-from netframe.server import ListenError, run
+from netframe.server import ListenError, StartError, run
 
 __all__ = ["main"]
 
@@ -193,6 +193,8 @@ def _serve(args: argparse.Namespace) -> int:
         return _fail(str(exc), EXIT_USAGE)
     except ListenError as exc:
         return _fail(exc.strerror or str(exc), EXIT_FAILURE)
+    except StartError as exc:  # its traceback is in the log
+        return _fail(str(exc), EXIT_FAILURE)
 
 
 def _client(args: argparse.Namespace) -> int:

@@ -88,8 +88,10 @@ class Framer:
     handler can refuse.
     """
 
-    #: Ends replies sent before the peer said anything (the greeting, a push).
+    #: Ends what ``on_connect`` sends (the greeting), before the peer said anything.
     greeting_terminator: bytes = b"\n"
+    #: Ends a send that answers no message: a push, a broadcast, a send from a task.
+    push_terminator: bytes = b"\n"
     overflow: bool = False
     partial: bytes | bytearray = b""
     unparsed: bytes = b""
@@ -135,7 +137,7 @@ class RawFramer(Framer):
     """
 
     __slots__ = ("max_bytes",)
-    greeting_terminator = NONE
+    greeting_terminator = push_terminator = NONE
     partial = unparsed = NONE
     overflow = False
     wake_after = None
@@ -272,7 +274,11 @@ class AutoFramer(LineFramer):
       tutorial's server answers a last word before the close); a line connection's
       partial line is dropped, as in ``line`` framing.
 
-    The greeting has no terminator: nothing is known about the client yet.
+    The greeting has no terminator: nothing is known about the client yet, and the
+    tutorial's ``Welcome!`` is bare. A push (a send that answers no message) is a line,
+    ``\n``-ended whatever the client is: a line client needs the ending to find the
+    message, and a bare client reading whatever one ``recv()`` returns can still tell
+    two pushes apart.
     """
 
     __slots__ = ("_delay", "_state", "wake_after")
@@ -333,7 +339,7 @@ class LengthFramer(Framer):
     """
 
     __slots__ = ("_buffer", "_limit", "_prefix", "overflow")
-    greeting_terminator = NONE
+    greeting_terminator = push_terminator = NONE  # the prefix frames every send
 
     def __init__(self, max_bytes: int, prefix_bytes: int = 4) -> None:
         if prefix_bytes not in (2, 4):

@@ -47,11 +47,15 @@ from netframe.loops import loop_factory, resolve_loop_name
 from netframe.tcp import TcpEndpoint
 from netframe.udp import UdpEndpoint
 
-__all__ = ["BoundAddress", "ListenError", "RunInLoopError", "Server", "run"]
+__all__ = ["BoundAddress", "ListenError", "RunInLoopError", "Server", "StartError", "run"]
 
 
 class RunInLoopError(Error, RuntimeError):
     """:func:`run` was called where an event loop is already running."""
+
+
+class StartError(Error, RuntimeError):
+    """The handler's ``on_start`` hook raised; the original exception is the cause."""
 
 
 class ListenError(Error, OSError):
@@ -94,6 +98,7 @@ class Server:
             config = config.replace(**settings)
         self.config = config
         self._handler_factory = resolve_handler(config.handler)
+        self._hooks_started = False
         try:
             self._framer_factory = make_framer(
                 config.framing,
@@ -136,7 +141,7 @@ class Server:
         raise LookupError(f"no {transport} listener is bound")
 
     @property
-    def connections(self) -> int:
+    def connection_count(self) -> int:
         """How many TCP connections are open now."""
         return len(self._ctx.connections) if self._ctx else 0
 
@@ -162,6 +167,7 @@ class Server:
         )
         ctx.now = loop.time()
         try:
+            await self._start_hook()
             for address in self.config.tcp_addresses:
                 await self._listen_tcp(ctx, address)
             for address in self.config.udp_addresses:
@@ -170,6 +176,7 @@ class Server:
             self._close_listeners()
             self._addresses.clear()
             self._ctx = None
+            await self._stop_hook()
             raise
         ctx.max_connections = self._connection_cap()
         self._tick_handle = loop.call_later(TICK_S, self._tick)
@@ -238,7 +245,7 @@ class Server:
         finally:  # also when the stop itself is cancelled: nothing is left behind
             aborted = len(ctx.connections)
             for conn in list(ctx.connections):
-                conn.abort()
+                conn.terminate()
         await asyncio.sleep(0)  # let the aborted connections' connection_lost run
         if ctx.background:  # async on_disconnect hooks, within what is left of the grace
             _, late = await asyncio.wait(ctx.background, timeout=max(0, deadline - loop.time()))
@@ -252,6 +259,7 @@ class Server:
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         self._tick()  # log the refusal and drop counts still waiting
+        await self._stop_hook()
         self._log.info(
             "shutdown_finished",
             closed=len(at_stop) - aborted,
@@ -264,7 +272,7 @@ class Server:
         self._close_listeners()
         if self._ctx is not None:
             for conn in list(self._ctx.connections):
-                conn.abort()
+                conn.terminate()
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -277,6 +285,36 @@ class Server:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    async def _start_hook(self) -> None:
+        """The handler's ``on_start``, before anything is bound."""
+        hook = getattr(self._handler_factory, "on_start", None)
+        if hook is None:
+            self._hooks_started = True
+            return
+        try:
+            result = hook(self)
+            if result is not None:
+                await result
+        except Exception as exc:
+            self._log.exception("handler_error", hook="on_start")
+            raise StartError(f"the handler's on_start failed: {exc!r}") from exc
+        self._hooks_started = True
+
+    async def _stop_hook(self) -> None:
+        """The handler's ``on_stop``, once, if ``on_start`` succeeded; errors are logged."""
+        if not self._hooks_started:
+            return
+        self._hooks_started = False
+        hook = getattr(self._handler_factory, "on_stop", None)
+        if hook is None:
+            return
+        try:
+            result = hook(self)
+            if result is not None:
+                await result
+        except Exception:
+            self._log.exception("handler_error", hook="on_stop")
 
     def _tick(self) -> None:
         """Advance the coarse clock, act on due deadlines, log summaries (every TICK_S)."""

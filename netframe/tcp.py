@@ -40,10 +40,9 @@ from netframe._endpoint import (
     EndpointContext,
     error_reply,
     format_peer,
-    normalise_host,
 )
 from netframe.framing import LF, Message
-from netframe.handlers import Handler
+from netframe.handlers import CloseReason, Handler, InetAddress, PeerAddress, TlsInfo, UnixAddress
 
 __all__ = ["TcpEndpoint"]
 
@@ -61,6 +60,10 @@ _LINGER_S: Final = 30.0
 TOO_MANY_REPLY: Final = error_reply("too many connections")
 TOO_MANY_FROM_IP_REPLY: Final = error_reply("too many connections from your address")
 MESSAGE_TIMEOUT_REPLY: Final = error_reply("message timed out")
+
+
+#: ``_peer`` and ``_local`` before the transport has been asked.
+_UNREAD: Final[Any] = object()
 
 
 class _Overflow(bytes):
@@ -87,6 +90,7 @@ class TcpEndpoint(asyncio.Protocol):
         "_framer_timer",
         "_handler",
         "_ip",
+        "_local",
         "_log",
         "_message_started",
         "_pause_reasons",
@@ -111,7 +115,10 @@ class TcpEndpoint(asyncio.Protocol):
         "messages_out",
     )
 
-    transport: Final = "tcp"
+    network: Final = "tcp"
+    #: No TLS and no PROXY protocol yet: these are where they will appear.
+    tls: Final[TlsInfo | None] = None
+    via: Final[PeerAddress | None] = None
 
     def __init__(self, ctx: EndpointContext) -> None:
         self._ctx = ctx
@@ -147,10 +154,12 @@ class TcpEndpoint(asyncio.Protocol):
         self._check_at = math.inf
         self._ip: str | None = None
         #: Why the connection ended, once it is known (``idle_timeout``, ``reset``, ...).
-        self.close_reason: str | None = None
-        # Bound on first use: a connection that logs nothing never pays for a logger.
+        self.close_reason: CloseReason | None = None
+        # Bound and read on first use: a connection that logs nothing, or never asks
+        # for its addresses, does not pay for them.
         self._log: Any = None
-        self._peer: tuple[Any, ...] | None = None
+        self._peer: PeerAddress | None = _UNREAD
+        self._local: PeerAddress | None = _UNREAD
         self.id = ctx.next_id()
         self.bytes_in = self.bytes_out = self.messages_in = self.messages_out = 0
 
@@ -167,13 +176,14 @@ class TcpEndpoint(asyncio.Protocol):
             transport.close()
             return
         if len(ctx.connections) >= ctx.max_connections:
-            self._refuse(TOO_MANY_REPLY, "max_connections")
+            self._refuse(TOO_MANY_REPLY, CloseReason.MAX_CONNECTIONS)
             return
         limit = ctx.config.max_per_ip
         if limit:
-            self._ip = ip = normalise_host(str(self.peer[0])) if self.peer else ""
+            peer = self.peer
+            self._ip = ip = peer.host if isinstance(peer, InetAddress) else ""
             if ctx.per_ip.get(ip, 0) >= limit:
-                self._refuse(TOO_MANY_FROM_IP_REPLY, "max_per_ip")
+                self._refuse(TOO_MANY_FROM_IP_REPLY, CloseReason.MAX_PER_IP)
                 return
             ctx.per_ip[ip] = ctx.per_ip.get(ip, 0) + 1
         self._registered = True
@@ -240,7 +250,7 @@ class TcpEndpoint(asyncio.Protocol):
         # The peer finished sending. Bytes an `auto` framer holds as a possible bare
         # message are one now (the seeds' server answers a last word before the close).
         if self.close_reason is None:
-            self.close_reason = "peer_closed"
+            self.close_reason = CloseReason.PEER_CLOSED
         if self._framer_timer is not None:
             self._framer_timer.cancel()
             self._framer_timer = None
@@ -270,10 +280,10 @@ class TcpEndpoint(asyncio.Protocol):
                 del ctx.per_ip[self._ip]
         if not ctx.connections and ctx.all_closed is not None:
             ctx.all_closed.set()
-        if exc is not None and self.close_reason in (None, "peer_closed"):
-            self.close_reason = "reset"
+        if exc is not None and self.close_reason in (None, CloseReason.PEER_CLOSED):
+            self.close_reason = CloseReason.RESET
         elif self.close_reason is None:
-            self.close_reason = "peer_closed"
+            self.close_reason = CloseReason.PEER_CLOSED
         if self._framer_timer is not None:
             self._framer_timer.cancel()
         if self._task is not None:
@@ -290,7 +300,7 @@ class TcpEndpoint(asyncio.Protocol):
             return
         self.log.info(
             "connection_closed",
-            reason=self.close_reason,
+            reason=self.close_reason.value,
             duration_s=round(time.monotonic() - self._started, 6),
             bytes_in=self.bytes_in,
             bytes_out=self.bytes_out,
@@ -317,15 +327,27 @@ class TcpEndpoint(asyncio.Protocol):
     # -- Connection, as the handler sees it ---------------------------------------------
 
     @property
-    def peer(self) -> tuple[Any, ...]:
-        """The peer's address, ``()`` when the socket cannot tell."""
-        if self._peer is None:
-            try:
-                peer = self._transport.get_extra_info("peername") if self._transport else None
-            except OSError:  # uvloop asks the closed socket
-                peer = None
-            self._peer = tuple(peer or ())
+    def peer(self) -> PeerAddress | None:
+        """The client's address; ``None`` when the socket could not tell (reset at once)."""
+        if self._peer is _UNREAD:
+            self._peer = self._address("peername")
         return self._peer
+
+    @property
+    def local(self) -> PeerAddress | None:
+        """The listener's address the client reached."""
+        if self._local is _UNREAD:
+            self._local = self._address("sockname")
+        return self._local
+
+    def _address(self, name: str) -> PeerAddress | None:
+        try:
+            raw = self._transport.get_extra_info(name) if self._transport else None
+        except OSError:  # uvloop asks the socket, which may be closed already
+            return None
+        if isinstance(raw, str | bytes):  # AF_UNIX: a path, empty for an unnamed end
+            return UnixAddress(raw if isinstance(raw, str) else raw.decode(errors="replace"))
+        return InetAddress.from_sockaddr(raw)
 
     @property
     def log(self) -> Any:
@@ -342,20 +364,30 @@ class TcpEndpoint(asyncio.Protocol):
         if isinstance(message, str):
             message = message.encode(self._ctx.encoding)
         self.messages_out += 1
-        encode = self._encode
-        data = message + self._terminator if encode is None else encode(message, self._terminator)
         batch = self._batch
+        if batch is not None:  # a reply, or the greeting: the common case
+            terminator = self._terminator
+        elif self._task is not None and asyncio.current_task() is self._task:
+            terminator = self._terminator  # a reply after an await in async on_message
+        else:
+            terminator = self._framer.push_terminator  # a push: answers no message
+        encode = self._encode
+        data = message + terminator if encode is None else encode(message, terminator)
         if batch is not None:
             batch.append(data)
         else:
             self._write(data)
 
     def close(self) -> None:
-        self._close("handler_closed")
+        self._close(CloseReason.HANDLER_CLOSED)
 
     def abort(self) -> None:
-        """Close at once, dropping unsent replies (used when a shutdown deadline passes)."""
-        self._abort("server_shutdown")
+        """Close at once: replies not yet written are dropped, and the peer gets a reset."""
+        self._abort(CloseReason.HANDLER_ABORTED)
+
+    def terminate(self) -> None:
+        """The server's abort, when its shutdown deadline passes or a second signal comes."""
+        self._abort(CloseReason.SERVER_SHUTDOWN)
 
     # -- server shutdown ----------------------------------------------------------------
 
@@ -366,7 +398,7 @@ class TcpEndpoint(asyncio.Protocol):
             return True
         if self._busy():
             return False
-        self._close("server_shutdown")
+        self._close(CloseReason.SERVER_SHUTDOWN)
         return True
 
     def _finishing(self, data: bytes) -> bytes:
@@ -434,7 +466,7 @@ class TcpEndpoint(asyncio.Protocol):
                 self._transport.abort()
         elif self._writes_paused and self._paused_at + config.send_timeout_s + TICK_S <= now:
             self.log.warning("send_timeout", send_timeout_s=config.send_timeout_s)
-            self._abort("send_timeout")
+            self._abort(CloseReason.SEND_TIMEOUT)
         elif (
             self._message_running()
             and config.message_timeout_s
@@ -442,9 +474,9 @@ class TcpEndpoint(asyncio.Protocol):
         ):
             self.log.warning("message_timeout", message_timeout_s=config.message_timeout_s)
             self._reply_error(MESSAGE_TIMEOUT_REPLY)
-            self._close("message_timeout")
+            self._close(CloseReason.MESSAGE_TIMEOUT)
         else:
-            self._close("idle_timeout")
+            self._close(CloseReason.IDLE_TIMEOUT)
 
     # -- the message path ---------------------------------------------------------------
 
@@ -514,7 +546,7 @@ class TcpEndpoint(asyncio.Protocol):
         if self._closing:
             self._close_transport()
         elif self._ctx.stopping and not self._busy():
-            self._close("server_shutdown")
+            self._close(CloseReason.SERVER_SHUTDOWN)
 
     def _flush(self) -> None:
         """Write the batch so far (every ``_BATCH_FLUSH`` replies within one read)."""
@@ -584,7 +616,8 @@ class TcpEndpoint(asyncio.Protocol):
         if self._closing or self._waiting is not None or self._pending or framer.unparsed:
             return
         if self._eof or (self._ctx.stopping and not framer.partial):
-            self._close("server_shutdown" if self._ctx.stopping else "peer_closed")
+            stopping = self._ctx.stopping
+            self._close(CloseReason.SERVER_SHUTDOWN if stopping else CloseReason.PEER_CLOSED)
 
     # -- async handlers -----------------------------------------------------------------
 
@@ -637,7 +670,7 @@ class TcpEndpoint(asyncio.Protocol):
 
     # -- refusing bad input -------------------------------------------------------------
 
-    def _refuse(self, reply: bytes, reason: str) -> None:
+    def _refuse(self, reply: bytes, reason: CloseReason) -> None:
         """Turn away a new connection over a cap: one error line, then close."""
         self._closing = True
         self.close_reason = reason
@@ -645,7 +678,7 @@ class TcpEndpoint(asyncio.Protocol):
         if transport is not None:
             transport.write(self._framer.encode(reply, LF))
             transport.close()
-        self._ctx.refused(reason)
+        self._ctx.refused(reason.value)
 
     def _refuse_undecodable(self) -> None:
         self._undecodable += 1
@@ -658,7 +691,7 @@ class TcpEndpoint(asyncio.Protocol):
         limit = self._ctx.config.max_line_bytes
         self.log.warning("line_too_long", max_line_bytes=limit)
         self._reply_error(self._ctx.line_limit_reply)
-        self._close("line_too_long")
+        self._close(CloseReason.LINE_TOO_LONG)
 
     def _reply_error(self, text: bytes, terminator: bytes = LF) -> None:
         """An ``Error: ...`` reply, framed as the connection frames replies (a line by
@@ -675,16 +708,16 @@ class TcpEndpoint(asyncio.Protocol):
             self.log.error(HANDLER_ERROR_EVENT, hook=hook, error="an await was cancelled")
         else:
             self.log.exception(HANDLER_ERROR_EVENT, hook=hook)
-        self._close("handler_error")
+        self._close(CloseReason.HANDLER_ERROR)
 
     # -- closing ------------------------------------------------------------------------
 
-    def _close(self, reason: str) -> None:
+    def _close(self, reason: CloseReason) -> None:
         """Close after the queued replies are written; ``reason`` goes in the log."""
         if self._closing:
             return
         self._closing = True
-        if self.close_reason in (None, "peer_closed"):
+        if self.close_reason in (None, CloseReason.PEER_CLOSED):
             self.close_reason = reason
         self._closed_at = self._ctx.now
         if self._batch is None:  # else _dispatch closes once the batch is written
@@ -698,10 +731,12 @@ class TcpEndpoint(asyncio.Protocol):
             self._schedule_check()  # a peer that never reads must not hold the close open
         transport.close()
 
-    def _abort(self, reason: str) -> None:
+    def _abort(self, reason: CloseReason) -> None:
         self._closing = True
-        if self.close_reason in (None, "peer_closed"):
+        if self.close_reason in (None, CloseReason.PEER_CLOSED):
             self.close_reason = reason
+        if self._batch is not None:  # replies of the batch being handled are not written
+            self._batch.clear()
         if self._transport is not None:
             self._transport.abort()
 

@@ -17,111 +17,230 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, Final
 
-from netframe._endpoint import format_peer
+from netframe._endpoint import error_reply, format_peer
 from netframe.config import Config
-from netframe.handlers import Handler, Message, Transport
+from netframe.framing import make_framer
+from netframe.handlers import (
+    CloseReason,
+    Handler,
+    InetAddress,
+    Message,
+    Network,
+    PeerAddress,
+    TlsInfo,
+)
 from netframe.logs import get_logger
 from netframe.loops import loop_factory
 from netframe.server import Server
 
 __all__ = ["MemoryConnection", "server_thread", "serving"]
 
+_CLIENT: Final = InetAddress("127.0.0.1", 50000)
+_SERVER: Final = InetAddress("127.0.0.1", 9999)
+# Each MemoryConnection gets its own id, as each real connection does.
+_ids = itertools.count(1)
+
 
 class MemoryConnection:
-    """An in-memory :class:`~netframe.Connection` that drives one handler.
+    """An in-memory :class:`~netframe.Connection` that drives one handler as the server would.
 
-    Replies are recorded as the bytes that would go on the wire: encoded, and ended with
-    ``terminator`` (``b""`` like a bare or raw client, ``b"\\n"`` like a line client).
-    Like the real endpoints, messages after :meth:`close` are not handed to the handler,
-    and text handlers never see bytes that do not decode (``receive`` raises instead,
-    since that is the server's business, not the handler's).
+    Replies are recorded as the bytes that would go on the wire, by the same framer the
+    server uses (``framing``, ``auto`` by default) and by the same ending rule: a reply
+    ends as the message it answers, the greeting with the framer's greeting ending, a
+    push (a send while no message of this connection is being handled) with its push
+    ending.
+
+    Two ways in:
+
+    - :meth:`receive` hands over one message, as if it arrived ended with
+      ``terminator`` (``None``: ``\n`` in ``line`` framing, nothing otherwise);
+    - :meth:`feed` hands over raw bytes, which the framer cuts into messages exactly
+      as on a socket: bytes that do not decode and an overlong message get the server's
+      ``Error: ...`` replies.
+
+    Like the real endpoints, messages after :meth:`close` are not handed to the handler.
     """
 
     def __init__(
         self,
         handler: Handler | Callable[[], Handler],
         *,
-        transport: Transport = "tcp",
-        peer: tuple[Any, ...] = ("127.0.0.1", 50000),
+        network: Network = "tcp",
+        peer: PeerAddress | None = _CLIENT,
+        local: PeerAddress | None = _SERVER,
         encoding: str = "utf-8",
-        terminator: bytes = b"",
+        framing: str = "auto",
+        terminator: bytes | None = None,
+        max_line_bytes: int = 1024,
     ) -> None:
         self.handler = handler if isinstance(handler, Handler) else handler()
-        self.transport: Transport = transport
+        self.network: Network = network
         self.peer = peer
-        self.id = 1 if transport == "tcp" else 0
-        self.log: Any = get_logger().bind(transport=transport, peer=format_peer(peer), conn=self.id)
+        self.local = local
+        self.tls: TlsInfo | None = None
+        self.via: PeerAddress | None = None
+        self.id = next(_ids) if network != "udp" else 0
+        self.log: Any = get_logger().bind(transport=network, peer=format_peer(peer), conn=self.id)
         self.encoding = encoding
-        self.terminator = terminator
-        #: Every reply so far, in order.
+        self.max_line_bytes = max_line_bytes
+        self._framer = make_framer(framing, max_line_bytes, 0.25)()
+        self.terminator = (
+            (b"\n" if framing == "line" else b"") if terminator is None else terminator
+        )
+        # The ending of the message being answered; None when none is (a send is a push).
+        self._answering: bytes | None = None
+        #: Every reply so far, in order, as wire bytes.
         self.sent: list[bytes] = []
         self.closed = False
+        self.close_reason: CloseReason | None = None
 
     # -- the Connection interface ---------------------------------------------------------
 
     def send(self, message: Message) -> None:
-        if not self.closed:
-            data = message.encode(self.encoding) if isinstance(message, str) else message
-            self.sent.append(data + self.terminator)
+        if self.closed:
+            return
+        data = message.encode(self.encoding) if isinstance(message, str) else message
+        answering = self._answering
+        ending = self._framer.push_terminator if answering is None else answering
+        self.sent.append(self._framer.encode(data, ending))
 
     def close(self) -> None:
-        self.closed = True
+        self._end(CloseReason.HANDLER_CLOSED)
+
+    def abort(self) -> None:
+        self._end(CloseReason.HANDLER_ABORTED)
 
     # -- driving the handler ----------------------------------------------------------------
 
     def connect(self) -> list[bytes]:
-        """Call ``on_connect``; return the replies it made.
+        """Call ``on_connect``; return the replies it made (the greeting).
 
         Raises:
             TypeError: ``on_connect`` is async; use :meth:`aconnect`.
         """
-        return self._replies(lambda: _no_await(self.handler.on_connect(self), "aconnect()"))
+        with self._replying(self._framer.greeting_terminator) as replies:
+            _no_await(self.handler.on_connect(self), "aconnect()")
+        return replies
 
     async def aconnect(self) -> list[bytes]:
         """Like :meth:`connect`, awaiting an async ``on_connect``."""
-        start = len(self.sent)
-        result = self.handler.on_connect(self)
-        if result is not None:
-            await result
-        return self.sent[start:]
+        with self._replying(self._framer.greeting_terminator) as replies:
+            await _maybe(self.handler.on_connect(self))
+        return replies
 
-    def receive(self, message: Message) -> list[bytes]:
+    def receive(self, message: Message, terminator: bytes | None = None) -> list[bytes]:
         """Hand one message to ``on_message``; return the replies it made.
 
         Raises:
             TypeError: the handler is async; use :meth:`areceive`.
             UnicodeDecodeError: ``bytes`` for a text handler that do not decode.
         """
+        with self._replying(self._ending(terminator)) as replies:
+            _no_await(self._deliver(message), "areceive(...)")
+        return replies
 
-        return self._replies(lambda: _no_await(self._deliver(message), "areceive(...)"))
-
-    async def areceive(self, message: Message) -> list[bytes]:
+    async def areceive(self, message: Message, terminator: bytes | None = None) -> list[bytes]:
         """Like :meth:`receive`, awaiting an async ``on_message``."""
-        start = len(self.sent)
-        result = self._deliver(message)
-        if result is not None:
-            await result
-        return self.sent[start:]
+        with self._replying(self._ending(terminator)) as replies:
+            await _maybe(self._deliver(message))
+        return replies
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Hand over bytes as they would arrive on the socket; return the replies.
+
+        Raises:
+            TypeError: the handler is async; use :meth:`afeed`.
+        """
+        replies: list[bytes] = []
+        for message, ending in self._frame(self._framer.feed(data)):
+            replies += self.receive(message, ending)
+        return replies
+
+    async def afeed(self, data: bytes) -> list[bytes]:
+        """Like :meth:`feed`, awaiting an async ``on_message``."""
+        replies: list[bytes] = []
+        for message, ending in self._frame(self._framer.feed(data)):
+            replies += await self.areceive(message, ending)
+        return replies
+
+    def feed_eof(self) -> list[bytes]:
+        """The peer closed its side: what the framer still holds is handled (an ``auto``
+        connection's last bare word), then ``on_disconnect`` is called."""
+        replies: list[bytes] = []
+        for message, ending in self._frame(self._framer.eof()):
+            replies += self.receive(message, ending)
+        self.disconnect()
+        return replies
 
     def disconnect(self) -> None:
-        """Call ``on_disconnect``, as when the peer leaves.
+        """Call ``on_disconnect``, as when the peer leaves (``close_reason`` is then
+        ``peer_closed`` unless the handler closed first).
 
         Raises:
             TypeError: ``on_disconnect`` is async; use :meth:`adisconnect`.
         """
-        self.closed = True
+        self._end(CloseReason.PEER_CLOSED)
         _no_await(self.handler.on_disconnect(self), "adisconnect()")
 
     async def adisconnect(self) -> None:
         """Like :meth:`disconnect`, awaiting an async ``on_disconnect``."""
+        self._end(CloseReason.PEER_CLOSED)
+        await _maybe(self.handler.on_disconnect(self))
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _end(self, reason: CloseReason) -> None:
         self.closed = True
-        result = self.handler.on_disconnect(self)
-        if result is not None:
-            await result
+        if self.close_reason is None:
+            self.close_reason = reason
+
+    def _ending(self, terminator: bytes | None) -> bytes:
+        return self.terminator if terminator is None else terminator
+
+    @contextlib.contextmanager
+    def _replying(self, ending: bytes) -> Iterator[list[bytes]]:
+        """Sends within the block answer a message ended by ``ending``; the list it
+        gives fills with the replies made in the block."""
+        start = len(self.sent)
+        outer, self._answering = self._answering, ending
+        replies: list[bytes] = []
+        try:
+            yield replies
+        finally:
+            self._answering = outer
+            replies += self.sent[start:]
+
+    def _frame(self, messages: list[tuple[bytes, bytes]]) -> Iterator[tuple[Message, bytes]]:
+        """The framer's messages as the server hands them over: the held-back ones too,
+        undecodable ones answered with an error line, an overflow ending the session."""
+        framer = self._framer
+        while True:
+            for payload, ending in messages:
+                if self.closed:
+                    return
+                message: Message = payload
+                if self.handler.text:
+                    try:
+                        message = payload.decode(self.encoding)
+                    except UnicodeDecodeError:
+                        self._error(f"message is not valid {self.encoding}", ending)
+                        continue
+                yield message, ending
+            if framer.overflow and not self.closed:
+                self._error(f"line exceeds {self.max_line_bytes} bytes", b"\n")
+                self._end(CloseReason.LINE_TOO_LONG)
+                return
+            if not framer.unparsed or self.closed:
+                return
+            messages = framer.feed(b"")
+
+    def _error(self, reason: str, ending: bytes) -> None:
+        self.sent.append(self._framer.encode(error_reply(reason), ending))
 
     def _deliver(self, message: Message) -> Awaitable[None] | None:
         if self.closed:
@@ -132,10 +251,10 @@ class MemoryConnection:
             message = message.encode(self.encoding)
         return self.handler.on_message(self, message)
 
-    def _replies(self, call: Callable[[], None]) -> list[bytes]:
-        start = len(self.sent)
-        call()
-        return self.sent[start:]
+
+async def _maybe(result: Awaitable[None] | None) -> None:
+    if result is not None:
+        await result
 
 
 def _no_await(result: Awaitable[None] | None, instead: str) -> None:

@@ -40,7 +40,7 @@ from netframe._endpoint import (
     normalise_host,
 )
 from netframe.framing import split_terminator
-from netframe.handlers import Handler
+from netframe.handlers import CloseReason, Handler, InetAddress, PeerAddress, TlsInfo
 from netframe.limits import EventSummary, SourceRateLimiter
 
 __all__ = ["UdpEndpoint"]
@@ -51,31 +51,54 @@ _FIRST_CLIENT_PORT: Final = 1024
 
 
 class UdpPeer:
-    """The sender of one datagram, as a handler sees it (a :class:`~netframe.Connection`)."""
+    """The sender of one datagram, as a handler sees it (a :class:`~netframe.Connection`).
 
-    __slots__ = ("_closed", "_endpoint", "_terminator", "peer")
+    Every send is one datagram back to ``addr``, ended as the datagram it answers was,
+    also when a handler keeps the peer and sends to it later. ``close()`` and
+    ``abort()`` both mean "no more replies to this datagram".
+    """
 
-    transport: Final = "udp"
+    __slots__ = ("_closed", "_endpoint", "_peer", "_terminator", "addr")
+
+    network: Final = "udp"
     id: Final = 0
+    tls: Final[TlsInfo | None] = None
+    via: Final[PeerAddress | None] = None
+    close_reason: Final[CloseReason | None] = None
 
-    def __init__(self, endpoint: UdpEndpoint, peer: tuple[Any, ...], terminator: bytes) -> None:
+    def __init__(self, endpoint: UdpEndpoint, addr: tuple[Any, ...], terminator: bytes) -> None:
         self._endpoint = endpoint
-        self.peer = peer
+        #: The source address as the socket gave it.
+        self.addr = addr
+        self._peer: InetAddress | None = None  # made on first use: most handlers never ask
         self._terminator = terminator
         self._closed = False
 
     @property
+    def peer(self) -> InetAddress | None:
+        if self._peer is None:
+            self._peer = InetAddress.from_sockaddr(self.addr)
+        return self._peer
+
+    @property
+    def local(self) -> PeerAddress | None:
+        return self._endpoint.local
+
+    @property
     def log(self) -> Any:
-        return self._endpoint.log.bind(peer=format_peer(self.peer))
+        return self._endpoint.log.bind(peer=format_peer(self.addr))
 
     def send(self, message: str | bytes) -> None:
         if self._closed:
             return
         if isinstance(message, str):
             message = message.encode(self._endpoint.ctx.encoding)
-        self._endpoint.send_datagram(message + self._terminator, self.peer)
+        self._endpoint.send_datagram(message + self._terminator, self.addr)
 
     def close(self) -> None:
+        self._closed = True
+
+    def abort(self) -> None:
         self._closed = True
 
 
@@ -105,6 +128,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         "_transport",
         "ctx",
         "handler",
+        "local",
         "log",
     )
 
@@ -114,6 +138,8 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self.handler = handler
         self.log: Any = ctx.log.bind(transport="udp")
         self._transport: asyncio.DatagramTransport | None = None
+        #: The listener's own address, ``conn.local`` of every datagram it receives.
+        self.local: InetAddress | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._max_bytes = config.udp_max_datagram_bytes
         self._allow_ports = frozenset(config.udp_allow_ports)
@@ -128,6 +154,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop transports implement the interface without subclassing it.
         self._transport = cast(asyncio.DatagramTransport, transport)
+        self.local = InetAddress.from_sockaddr(transport.get_extra_info("sockname"))
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         ctx = self.ctx
@@ -211,7 +238,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         if len(self._tasks) >= self.ctx.config.max_pending_messages:
             # Datagrams are not queued: past the limit the newest is dropped, as the
             # network would drop it under load.
-            self._drop("async_handler_busy", peer.peer)
+            self._drop("async_handler_busy", peer.addr)
             if asyncio.iscoroutine(awaitable):
                 awaitable.close()
             return
@@ -223,7 +250,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         try:
             await awaitable
         except Exception:
-            self._handler_failed(peer.peer)
+            self._handler_failed(peer.addr)
 
     def _handler_failed(self, addr: tuple[Any, ...]) -> None:
         """A handler error costs one datagram; its traceback is logged once a second at most.

@@ -3,7 +3,7 @@
 Every test talks to a server started with :func:`netframe.testing.serving` over real
 loopback sockets, and checks only what a client can see: the exact bytes that come back,
 whether the connection is still open, whether other clients are still served, and
-``server.connections``.
+``server.connection_count``.
 
 Each test is a plain function that runs its scenario with :class:`asyncio.Runner` on
 each loop in ``conftest.LOOPS`` (the parametrized ``run`` fixture), and also checks that
@@ -92,12 +92,12 @@ def hello(name: bytes, ending: bytes = b"\n") -> bytes:
 
 
 async def wait_for_connections(server: Server, count: int) -> None:
-    """``server.connections`` reaches ``count`` (clients come and go asynchronously)."""
+    """``server.connection_count`` reaches ``count`` (clients come and go asynchronously)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + REPLY_TIMEOUT
-    while server.connections != count:
+    while server.connection_count != count:
         if loop.time() > deadline:
-            raise AssertionError(f"server.connections is {server.connections}, expected {count}")
+            raise AssertionError(f"server.connection_count is {server.connection_count}, expected {count}")
         await asyncio.sleep(0.02)
 
 

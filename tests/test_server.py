@@ -94,10 +94,10 @@ async def test_peer_that_closes_ends_its_session_quietly_and_is_logged() -> None
             writer.close()
             await writer.wait_closed()
             for _ in range(200):
-                if server.connections == 0:
+                if server.connection_count == 0:
                     break
                 await asyncio.sleep(0.01)
-            assert server.connections == 0
+            assert server.connection_count == 0
     opened = [e for e in logs if e["event"] == "connection_opened"]
     closed = [e for e in logs if e["event"] == "connection_closed"]
     assert len(opened) == len(closed) == 1
@@ -283,7 +283,7 @@ async def test_close_lets_replies_drain_then_closes_every_connection() -> None:
     server.stop()
     await asyncio.wait_for(serve, 10)
     await expect_closed(reader)
-    assert server.connections == 0
+    assert server.connection_count == 0
     writer.close()
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection(*server.address("tcp"))

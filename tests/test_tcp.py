@@ -124,9 +124,9 @@ async def test_a_client_that_never_reads_is_aborted_at_the_send_timeout() -> Non
             for _ in range(400):  # at most 26 MB; the server stops reading long before
                 writer.write(chunk)
                 await asyncio.sleep(0.005)
-                if server.connections == 0:
+                if server.connection_count == 0:
                     break
-            await wait_until(lambda: server.connections == 0)
+            await wait_until(lambda: server.connection_count == 0)
             writer.transport.abort()
     assert closed_reasons(logs) == ["send_timeout"]
 
@@ -144,7 +144,7 @@ async def test_over_the_connection_cap_a_client_is_told_and_capacity_returns() -
             refused, refused_writer = await connect(server)
             assert await read_until_closed(refused) == b"Error: too many connections\n"
             first[1].close()
-            await wait_until(lambda: server.connections == 1)
+            await wait_until(lambda: server.connection_count == 1)
             again, again_writer = await connect(server)
             assert await again.readexactly(len(b"Welcome!\n")) == b"Welcome!\n"
             for writer in (second[1], refused_writer, again_writer):
@@ -396,7 +396,7 @@ async def test_a_cancelled_stop_still_aborts_what_it_was_waiting_for() -> None:
     await asyncio.sleep(0.1)
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(server.close(), 0.3)
-    await wait_until(lambda: server.connections == 0)
+    await wait_until(lambda: server.connection_count == 0)
     writer.close()
 
 

@@ -12,15 +12,30 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from netframe._errors import Error
-from netframe.handlers._interface import Connection, Handler, Message, Transport
+from netframe.handlers._interface import (
+    CloseReason,
+    Connection,
+    Handler,
+    InetAddress,
+    Message,
+    Network,
+    PeerAddress,
+    TlsInfo,
+    UnixAddress,
+)
 
 __all__ = [
     "BUILTIN_HANDLERS",
+    "CloseReason",
     "Connection",
     "Handler",
     "HandlerError",
+    "InetAddress",
     "Message",
-    "Transport",
+    "Network",
+    "PeerAddress",
+    "TlsInfo",
+    "UnixAddress",
     "resolve_handler",
 ]
 

@@ -5,18 +5,126 @@ reads no clock: it is told that a peer arrived, handed each message, and told wh
 peer left, and it answers through the :class:`Connection` it is given. That is what
 lets one handler class serve TCP and UDP, and be unit-tested with
 :class:`netframe.testing.MemoryConnection` in microseconds.
+
+The addresses, the TLS details and the close reasons a connection reports are small
+typed values defined here, so that handlers depend on nothing else of the framework.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import ipaddress
 from collections.abc import Awaitable
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-__all__ = ["Connection", "Handler", "Message", "Transport"]
+if TYPE_CHECKING:
+    from netframe.server import Server
 
-Transport = Literal["tcp", "udp"]
+__all__ = [
+    "CloseReason",
+    "Connection",
+    "Handler",
+    "InetAddress",
+    "Message",
+    "Network",
+    "PeerAddress",
+    "TlsInfo",
+    "UnixAddress",
+]
+
+#: How a connection reaches the server: ``"tcp"``, ``"udp"``, or later ``"unix"``
+#: (a stream socket on a path), as Go's ``net.Dial`` names them.
+Network = Literal["tcp", "udp", "unix"]
 #: A message as a handler receives it: ``str`` for text handlers, ``bytes`` otherwise.
 Message = str | bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class InetAddress:
+    """An IPv4 or IPv6 address and port, as a peer or a local end of a connection.
+
+    ``host`` is the address in its usual text form. An IPv4 client reaching an IPv6
+    socket (``::ffff:10.0.0.1``) is reported as the IPv4 address it is, so limits and
+    logs see one client whatever socket it came through. An IPv6 scope
+    (``fe80::1%eth0``) stays in ``host``.
+    """
+
+    host: str
+    port: int
+
+    @classmethod
+    def from_sockaddr(cls, sockaddr: Any) -> InetAddress | None:
+        """The address of a socket tuple (``("::1", 5000, 0, 0)``); ``None`` if it is not one."""
+        if not isinstance(sockaddr, tuple) or len(sockaddr) < 2:
+            return None
+        host = str(sockaddr[0])
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]
+        return cls(host, int(sockaddr[1]))
+
+    @property
+    def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        """``host`` as an :mod:`ipaddress` object, to test against networks."""
+        return ipaddress.ip_address(self.host.partition("%")[0])
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UnixAddress:
+    """The path of a Unix-domain socket (``""`` for an unnamed client end)."""
+
+    path: str
+
+    def __str__(self) -> str:
+        return self.path or "unix:unnamed"
+
+
+#: What ``conn.peer`` and ``conn.local`` hold.
+PeerAddress = InetAddress | UnixAddress
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TlsInfo:
+    """What a TLS connection negotiated: ``conn.tls``, ``None`` on a plain connection."""
+
+    version: str
+    cipher: str
+    #: The client's certificate as :meth:`ssl.SSLSocket.getpeercert` gives it, when the
+    #: server asked for one and the client sent it.
+    peer_certificate: dict[str, Any] | None = None
+
+
+class CloseReason(enum.StrEnum):
+    """Why a connection ended: ``conn.close_reason`` in ``on_disconnect``, and the
+    ``reason`` of the ``connection_closed`` log event."""
+
+    #: The peer closed its side (end of input) and everything it sent was answered.
+    PEER_CLOSED = "peer_closed"
+    #: The peer reset the connection, or the network failed.
+    RESET = "reset"
+    #: The handler called ``conn.close()``.
+    HANDLER_CLOSED = "handler_closed"
+    #: The handler called ``conn.abort()``.
+    HANDLER_ABORTED = "handler_aborted"
+    #: A hook raised, or an await in it failed; logged as ``handler_error``.
+    HANDLER_ERROR = "handler_error"
+    #: Nothing arrived or left for ``idle_timeout_s``.
+    IDLE_TIMEOUT = "idle_timeout"
+    #: A message was begun and not finished within ``message_timeout_s``.
+    MESSAGE_TIMEOUT = "message_timeout"
+    #: The peer did not read its replies within ``send_timeout_s``.
+    SEND_TIMEOUT = "send_timeout"
+    #: A message exceeded ``max_line_bytes``, or the stream could not be framed.
+    LINE_TOO_LONG = "line_too_long"
+    #: The server stopped.
+    SERVER_SHUTDOWN = "server_shutdown"
+    #: Refused before any handler was made: over ``max_connections``.
+    MAX_CONNECTIONS = "max_connections"
+    #: Refused before any handler was made: over ``max_per_ip`` from this address.
+    MAX_PER_IP = "max_per_ip"
 
 
 class Connection(Protocol):
@@ -28,13 +136,32 @@ class Connection(Protocol):
     """
 
     @property
-    def transport(self) -> Transport:
+    def network(self) -> Network:
         """``"tcp"`` or ``"udp"``."""
         ...
 
     @property
-    def peer(self) -> tuple[Any, ...]:
-        """The peer's address as the socket reports it, e.g. ``("127.0.0.1", 50312)``."""
+    def peer(self) -> PeerAddress | None:
+        """The client: an :class:`InetAddress` (or a :class:`UnixAddress` on a Unix
+        socket), ``None`` when the socket could not tell (it was already reset)."""
+        ...
+
+    @property
+    def local(self) -> PeerAddress | None:
+        """The server's end the client reached (the listener's address and port)."""
+        ...
+
+    @property
+    def tls(self) -> TlsInfo | None:
+        """What TLS negotiated, or ``None`` for a plain connection (always ``None``
+        until netframe serves TLS)."""
+        ...
+
+    @property
+    def via(self) -> PeerAddress | None:
+        """The proxy the connection came through when a PROXY-protocol header named the
+        real client in :attr:`peer`; ``None`` for a direct connection (always, until
+        netframe reads PROXY headers)."""
         ...
 
     @property
@@ -43,22 +170,40 @@ class Connection(Protocol):
         ...
 
     @property
+    def close_reason(self) -> CloseReason | None:
+        """Why the connection ended, once it has (in ``on_disconnect``); else ``None``."""
+        ...
+
+    @property
     def log(self) -> Any:
         """A structlog logger bound to this peer (``peer=``, ``conn=``)."""
         ...
 
     def send(self, message: Message) -> None:
-        """Queue ``message`` for the peer.
+        """Queue ``message`` for the peer. A handler never writes line endings.
 
-        ``str`` is encoded with the server's encoding. The reply ends with the line
-        terminator of the message being answered (nothing for bare or raw messages),
-        so a handler never writes line endings itself. Replies made while one batch of
-        input is handled leave in one write. After :meth:`close`, sends are ignored.
+        ``str`` is encoded with the server's encoding. How the reply ends:
+
+        - a reply to a message ends as that message did (``\\n``, ``\\r\\n``, or nothing
+          for a bare or raw message), also after an ``await`` in an async ``on_message``;
+        - a send in ``on_connect`` (the greeting) ends with the framer's greeting
+          ending: ``\\n`` in ``line`` framing, nothing in ``auto`` and ``raw``;
+        - any other send, a push (to another connection, from a task, a broadcast),
+          ends with the framer's push ending: ``\\n`` in ``line`` and ``auto``, nothing in
+          ``raw``.
+
+        ``length`` framing prefixes every send with its length instead. Replies made
+        while one batch of input is handled leave in one write. After :meth:`close` or
+        :meth:`abort`, sends are ignored.
         """
         ...
 
     def close(self) -> None:
         """Close after the queued replies are sent. Messages after this are not handled."""
+        ...
+
+    def abort(self) -> None:
+        """Close at once, discarding replies not yet sent (TCP sends a reset)."""
         ...
 
 
@@ -74,6 +219,9 @@ class Handler:
     loop keeps serving everyone else, this peer's later messages wait their turn so
     replies stay in order, and plain handlers pay nothing for the possibility.
 
+    State shared by every connection (a database pool, a chat room) belongs to the
+    class, opened in :meth:`on_start` and closed in :meth:`on_stop`.
+
     Exceptions a hook raises are logged with the peer's context and close that
     connection (over UDP, the datagram is dropped); other peers are unaffected.
     """
@@ -85,6 +233,23 @@ class Handler:
     #: error line). ``False``: messages arrive as the raw ``bytes``.
     text: bool = True
 
+    @classmethod
+    def on_start(cls, server: Server) -> Awaitable[None] | None:
+        """The server is starting, before it binds a listener: open shared resources.
+
+        Called once per server, on the class (or on the factory's ``on_start``, when the
+        handler is named by a factory that has one). May be ``async def``. If it raises,
+        the server does not start and the error reaches :meth:`Server.start`.
+        """
+
+    @classmethod
+    def on_stop(cls, server: Server) -> Awaitable[None] | None:
+        """The server has stopped: every connection and ``on_disconnect`` has finished.
+
+        Called once, also when the start failed after :meth:`on_start` succeeded. May be
+        ``async def``. An exception is logged and does not stop the shutdown.
+        """
+
     def on_connect(self, conn: Connection) -> Awaitable[None] | None:
         """A TCP peer connected. It may send (a greeting) or close.
 
@@ -95,7 +260,8 @@ class Handler:
         """One framed message arrived. Reply any number of times with ``conn.send``."""
 
     def on_disconnect(self, conn: Connection) -> Awaitable[None] | None:
-        """The TCP peer left, or the connection was closed. Sending now does nothing.
+        """The TCP peer left, or the connection was closed; ``conn.close_reason`` says
+        why. Sending now does nothing.
 
         May be ``async def``: it runs to the end, and a stopping server waits for it
         (within its grace period).
