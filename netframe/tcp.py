@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import math
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Iterable
 from typing import Any, Final, cast
@@ -62,6 +65,8 @@ TOO_MANY_FROM_IP_REPLY: Final = error_reply("too many connections from your addr
 MESSAGE_TIMEOUT_REPLY: Final = error_reply("message timed out")
 
 
+#: SO_LINGER on, zero seconds: ``close()`` sends a reset and discards unsent bytes.
+_RESET_LINGER: Final = struct.pack("ii", 1, 0)
 #: ``_peer`` and ``_local`` before the transport has been asked.
 _UNREAD: Final[Any] = object()
 
@@ -462,8 +467,7 @@ class TcpEndpoint(asyncio.Protocol):
         config = self._ctx.config
         if self._closing:
             # Closed, but its last replies could not be delivered in time.
-            if self._transport is not None:
-                self._transport.abort()
+            self._reset()
         elif self._writes_paused and self._paused_at + config.send_timeout_s + TICK_S <= now:
             self.log.warning("send_timeout", send_timeout_s=config.send_timeout_s)
             self._abort(CloseReason.SEND_TIMEOUT)
@@ -737,8 +741,17 @@ class TcpEndpoint(asyncio.Protocol):
             self.close_reason = reason
         if self._batch is not None:  # replies of the batch being handled are not written
             self._batch.clear()
-        if self._transport is not None:
-            self._transport.abort()
+        self._reset()
+
+    def _reset(self) -> None:
+        """Abort the transport with a reset: the peer learns the session failed, and the
+        kernel drops unsent bytes instead of holding them for a peer that does not read."""
+        transport = self._transport
+        if transport is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                sock = transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_LINGER)
+            transport.abort()
 
     # -- flow control -------------------------------------------------------------------
 

@@ -94,6 +94,7 @@ class MemoryConnection:
         )
         # The ending of the message being answered; None when none is (a send is a push).
         self._answering: bytes | None = None
+        self._handling_from = 0  # where the replies to the message being handled begin
         #: Every reply so far, in order, as wire bytes.
         self.sent: list[bytes] = []
         self.closed = False
@@ -113,6 +114,8 @@ class MemoryConnection:
         self._end(CloseReason.HANDLER_CLOSED)
 
     def abort(self) -> None:
+        # As on a socket, the replies to the message being handled are never written.
+        del self.sent[self._handling_from :]
         self._end(CloseReason.HANDLER_ABORTED)
 
     # -- driving the handler ----------------------------------------------------------------
@@ -156,26 +159,26 @@ class MemoryConnection:
         Raises:
             TypeError: the handler is async; use :meth:`afeed`.
         """
-        replies: list[bytes] = []
+        start = len(self.sent)
         for message, ending in self._frame(self._framer.feed(data)):
-            replies += self.receive(message, ending)
-        return replies
+            self.receive(message, ending)
+        return self.sent[start:]
 
     async def afeed(self, data: bytes) -> list[bytes]:
         """Like :meth:`feed`, awaiting an async ``on_message``."""
-        replies: list[bytes] = []
+        start = len(self.sent)
         for message, ending in self._frame(self._framer.feed(data)):
-            replies += await self.areceive(message, ending)
-        return replies
+            await self.areceive(message, ending)
+        return self.sent[start:]
 
     def feed_eof(self) -> list[bytes]:
         """The peer closed its side: what the framer still holds is handled (an ``auto``
         connection's last bare word), then ``on_disconnect`` is called."""
-        replies: list[bytes] = []
+        start = len(self.sent)
         for message, ending in self._frame(self._framer.eof()):
-            replies += self.receive(message, ending)
+            self.receive(message, ending)
         self.disconnect()
-        return replies
+        return self.sent[start:]
 
     def disconnect(self) -> None:
         """Call ``on_disconnect``, as when the peer leaves (``close_reason`` is then
@@ -206,7 +209,7 @@ class MemoryConnection:
     def _replying(self, ending: bytes) -> Iterator[list[bytes]]:
         """Sends within the block answer a message ended by ``ending``; the list it
         gives fills with the replies made in the block."""
-        start = len(self.sent)
+        start = self._handling_from = len(self.sent)
         outer, self._answering = self._answering, ending
         replies: list[bytes] = []
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -137,3 +138,55 @@ def test_custom_framer_from_the_docs_over_tcp(cli_server: Callable[..., CliServe
         assert rest == b"%d:Error: line exceeds 65536 bytes," % len(
             b"Error: line exceeds 65536 bytes"
         )
+
+
+@pytest.mark.usefixtures("examples_on_path")
+def test_chat_example_pushes_and_opens_and_closes_with_the_server(
+    cli_server: Callable[..., CliServer],
+) -> None:
+    server = cli_server("--handler", "chat:Chat", "--framing", "line", "--tcp", "127.0.0.1:0")
+    with (
+        socket.create_connection(server.address("tcp"), timeout=10) as first,
+        first.makefile("rb") as first_lines,
+    ):
+        assert re.fullmatch(rb"Welcome, #\d+! 0 others here\.\n", first_lines.readline())
+        with socket.create_connection(server.address("tcp"), timeout=10) as second:
+            port = second.getsockname()[1]
+            with second.makefile("rb") as second_lines:
+                assert second_lines.readline().endswith(b"! 1 others here.\n")
+            joined = first_lines.readline()
+            number = int(re.fullmatch(rb"#(\d+) joined from 127\.0\.0\.1:(\d+)\n", joined)[1])  # type: ignore[index]
+            assert joined.endswith(b":%d\n" % port)
+            second.sendall(b"hi all\n/quit\n")
+            assert first_lines.readline() == b"#%d: hi all\n" % number
+            assert first_lines.readline() == b"#%d left (handler_closed)\n" % number
+    assert server.stop() == 0
+    events = [e["event"] for e in server.events]
+    assert events.index("chat_opened") < events.index("listening")
+    assert events.index("shutdown_started") < events.index("chat_closed")
+    assert events.index("chat_closed") < events.index("shutdown_finished")
+
+
+def test_a_failing_start_hook_is_one_error_line_and_exit_1(tmp_path: Path) -> None:
+    (tmp_path / "broken.py").write_text(
+        "import netframe\n\n"
+        "class Broken(netframe.Handler):\n"
+        "    @classmethod\n"
+        "    def on_start(cls, server):\n"
+        "        raise ConnectionRefusedError('database down')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "netframe", "serve", "--handler", "broken:Broken",
+         "--tcp", "127.0.0.1:0", "--log-format", "json"],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )  # fmt: skip
+    assert done.returncode == 1
+    *log, last = done.stderr.strip().splitlines()
+    assert last == (
+        "netframe: error: the handler's on_start failed: ConnectionRefusedError('database down')"
+    )
+    failure = json.loads(log[-1])
+    assert (failure["event"], failure["hook"]) == ("handler_error", "on_start")
+    assert failure["exception"][0]["exc_value"] == "database down"
+    assert not any(json.loads(line)["event"] == "listening" for line in log)

@@ -97,7 +97,9 @@ async def wait_for_connections(server: Server, count: int) -> None:
     deadline = loop.time() + REPLY_TIMEOUT
     while server.connection_count != count:
         if loop.time() > deadline:
-            raise AssertionError(f"server.connection_count is {server.connection_count}, expected {count}")
+            raise AssertionError(
+                f"server.connection_count is {server.connection_count}, expected {count}"
+            )
         await asyncio.sleep(0.02)
 
 
