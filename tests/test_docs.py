@@ -190,3 +190,19 @@ def test_a_failing_start_hook_is_one_error_line_and_exit_1(tmp_path: Path) -> No
     assert (failure["event"], failure["hook"]) == ("handler_error", "on_start")
     assert failure["exception"][0]["exc_value"] == "database down"
     assert not any(json.loads(line)["event"] == "listening" for line in log)
+
+
+def test_the_unit_test_listing_in_handlers_md_passes(tmp_path: Path) -> None:
+    listing = next(
+        body
+        for _, body in code_blocks(ROOT / "docs" / "handlers.md")
+        if "from netframe.testing import MemoryConnection" in body
+    )
+    (tmp_path / "test_wordcount.py").write_text(listing)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_wordcount.py"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(EXAMPLES)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 passed" in done.stdout

@@ -1,4 +1,3 @@
-# docs/examples/chat.py
 """Shared state and pushes: a chat room that lives as long as the server."""
 
 from typing import ClassVar
