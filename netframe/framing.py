@@ -114,7 +114,7 @@ class Framer:
 
     def encode(self, payload: bytes, terminator: bytes) -> bytes:
         """The bytes that carry one reply: by default the payload and the terminator of
-        the message it answers (``b"\n"`` for a line client, nothing for a bare one)."""
+        the message it answers (``b"\\n"`` for a line client, nothing for a bare one)."""
         return payload + terminator
 
 

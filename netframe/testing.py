@@ -58,7 +58,7 @@ class MemoryConnection:
     Two ways in:
 
     - :meth:`receive` hands over one message, as if it arrived ended with
-      ``terminator`` (``None``: ``\n`` in ``line`` framing, nothing otherwise);
+      ``terminator`` (``None``: ``\\n`` in ``line`` framing, nothing otherwise);
     - :meth:`feed` hands over raw bytes, which the framer cuts into messages exactly
       as on a socket: bytes that do not decode and an overlong message get the server's
       ``Error: ...`` replies.
@@ -103,6 +103,7 @@ class MemoryConnection:
     # -- the Connection interface ---------------------------------------------------------
 
     def send(self, message: Message) -> None:
+        """Record ``message`` as the wire bytes the peer would get, ended by the rule."""
         if self.closed:
             return
         data = message.encode(self.encoding) if isinstance(message, str) else message
@@ -111,9 +112,11 @@ class MemoryConnection:
         self.sent.append(self._framer.encode(data, ending))
 
     def close(self) -> None:
+        """Mark the connection closed by the handler; later messages are not handled."""
         self._end(CloseReason.HANDLER_CLOSED)
 
     def abort(self) -> None:
+        """Like :meth:`close`, and the replies to the message being handled are dropped."""
         # As on a socket, the replies to the message being handled are never written.
         del self.sent[self._handling_from :]
         self._end(CloseReason.HANDLER_ABORTED)

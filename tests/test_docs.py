@@ -206,3 +206,14 @@ def test_the_unit_test_listing_in_handlers_md_passes(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "3 passed" in done.stdout
+
+
+def test_the_api_reference_is_the_generated_one() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "api_reference.py")],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert (ROOT / "docs" / "api.md").read_text() == done.stdout, (
+        "docs/api.md differs from the code's public names and docstrings: regenerate it "
+        "with `python docs/api_reference.py > docs/api.md`"
+    )
