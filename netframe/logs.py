@@ -28,7 +28,7 @@ import structlog
 
 from netframe.config import LogFormat
 
-__all__ = ["LineWriter", "configure_logging", "flush_logs", "get_logger"]
+__all__ = ["LineWriter", "configure_logging", "flush_logs", "get_logger", "lifecycle_logger"]
 
 #: Lines waiting for the writer thread before new ones are dropped: about 2-3 MiB of text,
 #: some seconds of a busy server's output, so a reader that pauses briefly loses nothing.
@@ -42,6 +42,17 @@ STDLIB_LOG_INTERVAL_S: Final = 1.0
 def get_logger() -> Any:
     """The framework's logger; bind per-connection context onto it."""
     return structlog.get_logger("netframe")
+
+
+def lifecycle_logger() -> Any:
+    """A logger for the few events an operator must always see, whatever the level: the
+    addresses bound (with port 0 resolved) and that the server is serving.
+
+    They are logged at ``info`` in the configured format, even under ``--log-level
+    warning``, as a server's "listening on" line usually is. Where the application
+    configured structlog itself, this is :func:`get_logger`.
+    """
+    return _lifecycle if _lifecycle is not None else get_logger()
 
 
 class LineWriter:
@@ -163,6 +174,8 @@ class _StdlibToStructlog(logging.Handler):
 
 
 _writer: LineWriter | None = None
+# The logger behind lifecycle_logger() when the configured level hides info events.
+_lifecycle: Any = None
 _stdlib_handler = _StdlibToStructlog()
 
 
@@ -208,6 +221,14 @@ def configure_logging(
         cache_logger_on_first_use=True,
     )
     writer.on_recovered = lambda dropped: get_logger().warning("log_lines_dropped", dropped=dropped)
+    global _lifecycle
+    _lifecycle = None  # at info and below, the ordinary logger shows lifecycle events
+    if logging.getLevelNamesMapping()[level.upper()] > logging.INFO:
+        _lifecycle = structlog.wrap_logger(
+            writer,
+            processors=processors,
+            wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        )
     asyncio_logger = logging.getLogger("asyncio")
     asyncio_logger.propagate = False
     if _stdlib_handler not in asyncio_logger.handlers:

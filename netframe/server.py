@@ -42,7 +42,7 @@ from netframe.config import Address, Config, ConfigError
 from netframe.framing import make_framer
 from netframe.handlers import HandlerError, resolve_handler
 from netframe.limits import connection_budget
-from netframe.logs import configure_logging, flush_logs, get_logger
+from netframe.logs import configure_logging, flush_logs, get_logger, lifecycle_logger
 from netframe.loops import loop_factory, resolve_loop_name
 from netframe.tcp import TcpEndpoint
 from netframe.udp import UdpEndpoint
@@ -432,7 +432,7 @@ class Server:
     def _bound(self, transport: str, sock: Any) -> None:
         host, port = sock.getsockname()[:2]
         self._addresses.append(BoundAddress(transport, host, port))
-        self._log.info("listening", transport=transport, host=host, port=port)
+        lifecycle_logger().info("listening", transport=transport, host=host, port=port)
 
     def _close_listeners(self) -> None:
         for server in self._tcp_servers:
@@ -740,7 +740,7 @@ async def _serve_until_signal(server: Server, loop_name: str) -> None:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         await server.start()
-        get_logger().info(
+        lifecycle_logger().info(
             "serving",
             loop=loop_name,
             handler=_name(server.config.handler),

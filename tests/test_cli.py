@@ -143,6 +143,20 @@ def test_per_message_events_are_not_logged_at_info(cli_server: Callable[..., Cli
     assert not [e for e in server.events if e["event"] == "message_received"]
 
 
+@pytest.mark.parametrize("level", ["warning", "error"])
+def test_bound_addresses_are_logged_at_any_level(
+    cli_server: Callable[..., CliServer], level: str
+) -> None:
+    server = cli_server("--log-level", level, "--tcp", "127.0.0.1:0", "--udp", "127.0.0.1:0")
+    host, port = server.address("tcp")
+    with socket.create_connection((host, port), timeout=10) as client:
+        assert client.recv(100) == b"Welcome!"  # the logged port is the one bound
+    assert server.address("udp")[1] > 0
+    assert server.stop() == 0
+    # Only the start-up lines are exempt from the level: nothing per connection shows.
+    assert {e["event"] for e in server.events} == {"listening", "serving"}
+
+
 def test_console_log_format_is_readable_text() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "netframe", "serve", "--tcp", "127.0.0.1:0"],

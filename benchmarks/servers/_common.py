@@ -19,6 +19,7 @@ __all__ = [
     "CONNECTIONS",
     "READ_SIZE",
     "WELCOME",
+    "WELCOME_BARE",
     "Options",
     "UdpServer",
     "announce",
@@ -33,10 +34,13 @@ BACKLOG = 1024
 #: Bytes per read for the servers that choose it themselves.
 READ_SIZE = 65536
 WELCOME = b"Welcome!\n"
+WELCOME_BARE = b"Welcome!"
 LF = b"\n"
 CRLF = b"\r\n"
 
-Handler = Literal["greeting", "echo"]
+#: ``bare-greeting`` is the tutorial's exchange as its own clients speak it: ``Welcome!``
+#: with no newline, and each read one bare name (only ``raw_protocol.py`` serves it).
+Handler = Literal["greeting", "bare-greeting", "echo"]
 LoopName = Literal["asyncio", "uvloop"]
 
 
@@ -49,12 +53,13 @@ class Options:
     udp_port: int | None
 
 
-def parse_args(doc: str | None) -> Options:
-    """Parse the shared command line; ``doc`` is the script's docstring (first line shown)."""
+def parse_args(doc: str | None, handlers: tuple[Handler, ...] = ("greeting", "echo")) -> Options:
+    """Parse the shared command line; ``doc`` is the script's docstring (first line shown)
+    and ``handlers`` the protocols the script serves."""
     parser = argparse.ArgumentParser(description=(doc or "").partition("\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="TCP port, 0 picks a free one")
-    parser.add_argument("--handler", choices=["greeting", "echo"], default="greeting")
+    parser.add_argument("--handler", choices=handlers, default="greeting")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument("--udp-port", type=int, default=None, help="also serve UDP here")
     args = parser.parse_args()

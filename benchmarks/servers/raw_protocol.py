@@ -7,14 +7,26 @@ control is the minimal pause/resume of reading. It does not decode text, log, li
 lengths or isolate handler errors; what netframe costs beyond this is what those buy.
 
     python benchmarks/servers/raw_protocol.py --host 127.0.0.1 --port 0 \\
-        --handler greeting|echo [--loop asyncio|uvloop] [--udp-port PORT]
+        --handler greeting|bare-greeting|echo [--loop asyncio|uvloop] [--udp-port PORT]
+
+``bare-greeting`` serves the tutorial's exchange as its own clients speak it, the way a
+hand-written Protocol server for them would: ``Welcome!`` with no newline, each read
+answered as one name, and ``exit`` closes.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from _common import BACKLOG, CONNECTIONS, WELCOME, greet_lines, parse_args, run_asyncio
+from _common import (
+    BACKLOG,
+    CONNECTIONS,
+    WELCOME,
+    WELCOME_BARE,
+    greet_lines,
+    parse_args,
+    run_asyncio,
+)
 
 
 class _Base(asyncio.Protocol):
@@ -62,9 +74,32 @@ class GreetingProtocol(_Base):
             self.transport.close()
 
 
+class BareGreetingProtocol(_Base):
+    """The tutorial's server on a Protocol: every read is one name."""
+
+    __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.transport.write(WELCOME_BARE)
+
+    def data_received(self, data: bytes) -> None:
+        if data == b"exit":
+            self.transport.close()
+        else:
+            self.transport.write(b"Hello, " + data + b"!")
+
+
+PROTOCOLS: dict[str, type[_Base]] = {
+    "greeting": GreetingProtocol,
+    "bare-greeting": BareGreetingProtocol,
+    "echo": EchoProtocol,
+}
+
+
 def main() -> None:
-    options = parse_args(__doc__)
-    protocol = GreetingProtocol if options.handler == "greeting" else EchoProtocol
+    options = parse_args(__doc__, tuple(PROTOCOLS))  # type: ignore[arg-type]
+    protocol = PROTOCOLS[options.handler]
 
     async def start_tcp() -> asyncio.Server:
         loop = asyncio.get_running_loop()
