@@ -1,6 +1,7 @@
 """Instructions per message on the Python hot path, netframe against the raw baseline.
 
     python benchmarks/instructions.py          # needs valgrind (callgrind)
+    python benchmarks/instructions.py bare     # only the kinds named (tcp udp session bare)
 
 Wall-clock and CPU-time figures on a shared 2-core machine wander by several percent
 from run to run; instruction counts do not. Each case feeds messages straight into the
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-CASES = ("netframe-tcp", "raw-tcp", "netframe-udp", "raw-udp", "netframe-session", "raw-session")
+KINDS = ("tcp", "udp", "session", "bare")
+CASES = tuple(f"{side}-{kind}" for kind in KINDS for side in ("netframe", "raw"))
 PEER = ("127.0.0.1", 50000)
 
 
@@ -63,11 +65,13 @@ async def drive(case: str, count: int) -> None:
     # The per-source UDP rate limit is off, as in a one-host benchmark; every other
     # guard keeps its default.
     ctx = EndpointContext(Config(framing="line", udp_rate=0), handler, get_logger())
+    # The tutorial's own clients: default (auto) framing, bare words.
+    auto = EndpointContext(Config(udp_rate=0), handler, get_logger())
 
-    def session(protocol: Any) -> None:
+    def session(protocol: Any, name: bytes = b"c1\n", exit: bytes = b"exit\n") -> None:
         protocol.connection_made(FakeTransport())
-        protocol.data_received(b"c1\n")
-        protocol.data_received(b"exit\n")
+        protocol.data_received(name)
+        protocol.data_received(exit)
         protocol.connection_lost(None)
 
     if case == "netframe-tcp":
@@ -96,6 +100,12 @@ async def drive(case: str, count: int) -> None:
     elif case == "raw-session":
         for _ in range(count):
             session(raw_protocol.GreetingProtocol())
+    elif case == "netframe-bare":
+        for _ in range(count):
+            session(TcpEndpoint(auto), b"c1", b"exit")
+    elif case == "raw-bare":
+        for _ in range(count):
+            session(raw_protocol.BareGreetingProtocol(), b"c1", b"exit")
 
 
 def instructions(case: str, count: int) -> int:
@@ -117,12 +127,14 @@ def main() -> int:
     if shutil.which("valgrind") is None:
         print("benchmarks/instructions.py needs valgrind: apt-get install valgrind")
         return 2
+    kinds = [kind for kind in KINDS if kind in sys.argv[1:]] or list(KINDS)
+    cases = [case for case in CASES if case.partition("-")[2] in kinds]
     low, high = 2_000, 12_000
-    per_op = {c: (instructions(c, high) - instructions(c, low)) / (high - low) for c in CASES}
+    per_op = {c: (instructions(c, high) - instructions(c, low)) / (high - low) for c in cases}
     print(f"{'case':<18} {'instructions per message (session)':>36}")
-    for case in CASES:
+    for case in cases:
         print(f"{case:<18} {per_op[case]:>36,.0f}")
-    for kind in ("tcp", "udp", "session"):
+    for kind in kinds:
         print(f"netframe/raw {kind}: {per_op[f'netframe-{kind}'] / per_op[f'raw-{kind}']:.2f}x")
     return 0
 

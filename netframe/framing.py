@@ -303,6 +303,9 @@ class AutoFramer(LineFramer):
         if LF in data:
             self._state = _LINES
             return super().feed(data)
+        if not self.partial and 0 < len(data) < SEGMENT_FLOOR and len(data) <= self.max_line_bytes:
+            self._state = _BARE  # the common case, the tutorial's first word: no buffer
+            return [(data, NONE)]
         messages = super().feed(data)  # held as a partial line, within the line limit
         if self.overflow or not self.partial:
             return messages

@@ -212,7 +212,14 @@ class TcpEndpoint(asyncio.Protocol):
         else:
             if result is not None:
                 self._await(result, "on_connect")
-        self._dispatch(())  # writes the greeting
+        greeting = self._batch
+        self._batch = None
+        if greeting:
+            data = greeting[0] if len(greeting) == 1 else b"".join(greeting)
+            self.bytes_out += len(data)
+            transport.write(data)
+        if self._closing:  # on_connect closed, or failed
+            self._close_transport()
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
