@@ -12,8 +12,9 @@ import codecs
 import dataclasses
 import ipaddress
 import math
+import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 from netframe._errors import Error
@@ -483,6 +484,30 @@ class Config:
     def replace(self, **changes: Any) -> Config:
         """Return a copy with ``changes`` applied and validated again."""
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        **settings: Any,
+    ) -> Config:
+        """Settings from a TOML file, then ``NETFRAME_*`` environment variables, then
+        ``settings``, each over the one before and all over the defaults.
+
+        ``path`` is the file (``None``: the one ``$NETFRAME_CONFIG`` names, if any), with
+        field names as keys (``idle_timeout_s = 60``). ``environ`` defaults to
+        ``os.environ``; a variable is ``NETFRAME_`` and the field name in capitals
+        (``NETFRAME_IDLE_TIMEOUT_S=60``), with repeatable settings comma-separated.
+        Pass ``environ={}`` to ignore the environment.
+
+        Raises:
+            ConfigError: naming the file or variable, the key and the reason.
+        """
+        from netframe._sources import load_config  # it builds on this module
+
+        return load_config(path, environ, settings)
 
 
 #: Every setting, by field name, in the order :class:`Config` defines them.

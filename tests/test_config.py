@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
+from conftest import CliServer, assert_one_line_error, run_netframe
 
 from netframe import Address, Config, ConfigError, parse_address
+from netframe.config import settings
 
 
 def test_defaults_listen_on_tcp_and_udp_9999_like_the_seeds() -> None:
@@ -91,3 +97,136 @@ def test_config_is_immutable_and_replace_revalidates() -> None:
     assert config.replace(framing="raw").framing == "raw"
     with pytest.raises(ConfigError):
         config.replace(framing="nope")
+
+
+# -- settings from a file and the environment ---------------------------------------------
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "netframe.toml"
+    path.write_text(text)
+    return path
+
+
+def test_file_environment_and_code_merge_in_that_order(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'tcp = ["127.0.0.1:7000"]\nudp = []\nidle_timeout_s = 60\n'
+        'max_per_ip = 5\nframing = "LINE"\nmax_connections = "auto"\n',
+    )
+    environ = {"NETFRAME_IDLE_TIMEOUT_S": "90", "NETFRAME_MAX_PER_IP": "7", "HOME": "/root"}
+    config = Config.load(path, environ=environ, max_per_ip=9)
+    assert config.tcp_addresses == (Address("127.0.0.1", 7000),)
+    assert config.udp_addresses == ()
+    assert config.idle_timeout_s == 90  # the environment over the file
+    assert config.max_per_ip == 9  # code (or a flag) over both
+    assert config.framing == "line"
+    assert config.max_connections is None
+    assert config.message_timeout_s == Config().message_timeout_s  # untouched: the default
+
+
+def test_every_setting_is_reachable_from_the_file_and_the_environment(tmp_path: Path) -> None:
+    # One non-default value per setting, written as each source writes it.
+    file_values = {
+        "tcp": '["127.0.0.1:7001"]', "udp": '["127.0.0.1:7002"]', "handler": '"echo"',
+        "framing": '"length"', "length_prefix_bytes": "2", "loop": '"asyncio"',
+        "encoding": '"latin-1"', "log_format": '"json"', "log_level": '"debug"',
+        "max_line_bytes": "100", "bare_message_delay_s": "0.5", "idle_timeout_s": "1.5",
+        "message_timeout_s": "0", "max_connections": "10", "max_per_ip": "3",
+        "write_buffer_high_bytes": "1000", "write_buffer_low_bytes": "10",
+        "send_timeout_s": "2", "backlog": "7", "max_pending_messages": "2",
+        "shutdown_timeout_s": "3", "udp_max_datagram_bytes": "512", "udp_rate": "0",
+        "udp_rate_sources": "4", "udp_receive_buffer_bytes": "65536",
+        "udp_allow_ports": "[53, 123]",
+    }  # fmt: skip
+    assert set(file_values) == set(settings())  # a new setting must be added here
+    from_file = Config.load(
+        write(tmp_path, "".join(f"{k} = {v}\n" for k, v in file_values.items())), environ={}
+    )
+    environ = {f"NETFRAME_{k.upper()}": v.strip('"[]').replace('"', "").replace(" ", "")
+               for k, v in file_values.items()}  # fmt: skip
+    from_environment = Config.load(environ=environ)
+    defaults = Config()
+    for name in settings():
+        assert getattr(from_file, name) != getattr(defaults, name), name
+        assert getattr(from_environment, name) == getattr(from_file, name), name
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("idle_timeout_s = -1", "netframe.toml: idle_timeout_s: must be 0 (off) or more"),
+        ("idle-timeout = 5", "unknown setting 'idle-timeout' (did you mean idle_timeout_s?)"),
+        ("idle_timout_s = 5", "unknown setting 'idle_timout_s' (did you mean idle_timeout_s?)"),
+        ('max_connections = "30"', "max_connections: must be a whole number, not '30'"),
+        ("backlog = 1.5", "backlog: must be a whole number, not 1.5"),
+        ('framing = "lines"', "framing: 'lines' is not one of auto, line, raw, length"),
+        ('tcp = ["localhost"]', "tcp: malformed address 'localhost'"),
+        ("udp_allow_ports = [70000]", "udp_allow_ports: must hold ports from 1 to 65535"),
+        ("tcp = [", "netframe.toml: not valid TOML"),
+    ],
+)
+def test_file_errors_name_the_file_the_key_and_the_reason(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config.load(write(tmp_path, text + "\n"), environ={})
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"NETFRAME_IDLE_TIMEOUT_S": "soon"}, "NETFRAME_IDLE_TIMEOUT_S: 'soon' is not a number"),
+        ({"NETFRAME_BACKLOG": ""}, "NETFRAME_BACKLOG: is empty"),
+        (
+            {"NETFRAME_IDLE_TIMEOUT": "5"},
+            "unknown environment variable NETFRAME_IDLE_TIMEOUT "
+            "(did you mean NETFRAME_IDLE_TIMEOUT_S?)",
+        ),
+        ({"NETFRAME_TCP": "127.0.0.1:99999"}, "NETFRAME_TCP: malformed address"),
+    ],
+)
+def test_environment_errors_name_the_variable_and_the_reason(
+    environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config.load(environ=environ)
+
+
+def test_the_environment_names_the_file_and_an_empty_list_turns_a_transport_off(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, 'tcp = ["127.0.0.1:7000"]\nudp = ["127.0.0.1:7000"]\n')
+    config = Config.load(environ={"NETFRAME_CONFIG": str(path), "NETFRAME_UDP": ""})
+    assert config.tcp_addresses == (Address("127.0.0.1", 7000),)
+    assert config.udp_addresses == ()
+    with pytest.raises(ConfigError, match=r"cannot read .*missing\.toml"):
+        Config.load(tmp_path / "missing.toml", environ={})
+    # Variables of netframe's that are not settings are not mistaken for typos.
+    assert Config.load(environ={"NETFRAME_NO_EXTENSIONS": "1"}) == Config()
+
+
+def test_serve_takes_flags_over_environment_over_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli_server: Callable[..., CliServer]
+) -> None:
+    path = write(
+        tmp_path,
+        'tcp = ["127.0.0.1:0"]\nudp = []\nhandler = "echo"\nframing = "raw"\n'
+        'max_connections = 50\nlog_format = "console"\n',
+    )
+    monkeypatch.setenv("NETFRAME_FRAMING", "line")
+    monkeypatch.setenv("NETFRAME_MAX_CONNECTIONS", "40")
+    server = cli_server("--config", str(path), "--max-connections", "30")
+    serving = server.wait_for("serving")[0]  # JSON: the flag beat the file's console
+    assert (serving["handler"], serving["framing"], serving["max_connections"]) == (
+        "echo",
+        "line",
+        30,
+    )
+    assert [e["transport"] for e in server.events if e["event"] == "listening"] == ["tcp"]
+
+
+def test_serve_with_a_bad_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    path = write(tmp_path, "idle_timeout_s = -5\n")
+    done = run_netframe("serve", "--config", str(path))
+    assert_one_line_error(done, 2, f"{path}: idle_timeout_s: must be 0 (off) or more seconds")

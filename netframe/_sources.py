@@ -1,0 +1,142 @@
+"""Settings from a TOML file, ``NETFRAME_*`` environment variables and code, merged.
+
+Precedence, highest first: values given in code or as command-line flags, then the
+environment, then the file, then :class:`~netframe.Config`'s defaults. Every source is
+read through the same :class:`~netframe.config.Setting` definitions as the flags, so a
+new ``Config`` field is reachable from all of them with no edit here.
+
+- The file holds ``Config`` field names as top-level keys (``idle_timeout_s = 60``,
+  ``tcp = ["127.0.0.1:9000"]``), read with :mod:`tomllib`.
+- The environment holds ``NETFRAME_`` and the field name in capitals
+  (``NETFRAME_IDLE_TIMEOUT_S=60``, ``NETFRAME_TCP=127.0.0.1:9000,[::1]:9000``: repeatable
+  settings are comma-separated, and empty means none). ``NETFRAME_CONFIG`` names the file
+  when no path is given.
+
+Every error names its source (the file, or the variable), the key and the reason.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from netframe.config import Config, ConfigError, Setting, settings
+
+__all__ = ["ENV_PREFIX", "load_config"]
+
+ENV_PREFIX: Final = "NETFRAME_"
+#: The environment variable naming the settings file.
+CONFIG_VARIABLE: Final = "NETFRAME_CONFIG"
+#: ``NETFRAME_*`` variables that are not settings; any other unknown one is a typo.
+OTHER_VARIABLES: Final = frozenset({CONFIG_VARIABLE, "NETFRAME_NO_EXTENSIONS"})
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    given: Mapping[str, Any] | None = None,
+) -> Config:
+    """A :class:`Config` from ``path`` (or ``$NETFRAME_CONFIG``), ``environ`` (default:
+    ``os.environ``) and ``given``, in rising precedence.
+
+    Raises:
+        ConfigError: a file that cannot be read or parsed, an unknown key or variable,
+            or a value out of range, each naming where it came from.
+    """
+    environ = os.environ if environ is None else environ
+    if path is None and environ.get(CONFIG_VARIABLE):
+        path = environ[CONFIG_VARIABLE]
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(_from_file(Path(path)))
+    values.update(_from_environment(environ))
+    values.update(given or {})
+    return Config(**values)
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            table = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    known = settings()
+    values = {}
+    for key, value in table.items():
+        setting = known.get(key)
+        if setting is None:
+            raise ConfigError(f"{path}: unknown setting {key!r}{_suggestion(key, known)}")
+        try:
+            values[key] = _checked(key, setting, _file_value(setting, value))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {key}: {_reason(key, exc)}") from None
+    return values
+
+
+def _file_value(setting: Setting, value: Any) -> Any:
+    """A TOML value as the field holds it: text parsed as a flag's argument would be,
+    numbers and lists as they are (checked next)."""
+    if setting.kind in ("addresses", "ports"):
+        items = value if isinstance(value, list) else [value]
+        return tuple(setting.parse(item) if isinstance(item, str) else item for item in items)
+    if isinstance(value, str) and (
+        setting.kind in ("choice", "framing") or value.strip().lower() == "auto"
+    ):
+        return setting.parse(value)
+    return value
+
+
+def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    known = settings()
+    values = {}
+    for variable, text in environ.items():
+        if not variable.startswith(ENV_PREFIX) or variable in OTHER_VARIABLES:
+            continue
+        key = variable[len(ENV_PREFIX) :].lower()
+        setting = known.get(key)
+        if setting is None:
+            hint = _suggestion(key, known, prefix=ENV_PREFIX)
+            raise ConfigError(f"unknown environment variable {variable}{hint}")
+        try:
+            values[key] = _checked(key, setting, _text_value(setting, text))
+        except ConfigError as exc:
+            raise ConfigError(f"{variable}: {_reason(key, exc)}") from None
+    return values
+
+
+def _text_value(setting: Setting, text: str) -> Any:
+    if setting.kind in ("addresses", "ports"):
+        return tuple(setting.parse(item) for item in text.split(",") if item.strip())
+    if not text.strip():
+        raise ConfigError("is empty")
+    return setting.parse(text)
+
+
+def _checked(key: str, setting: Setting, value: Any) -> Any:
+    if setting.kind != "addresses":  # addresses were parsed, which checks them
+        setting.check(key, value)
+    return value
+
+
+def _reason(key: str, exc: ConfigError) -> str:
+    """The error without the key it starts with (the caller names the key once)."""
+    return str(exc).removeprefix(f"{key} ")
+
+
+def _suggestion(key: str, known: Mapping[str, Setting], prefix: str = "") -> str:
+    """`` (did you mean ...?)`` for a near miss, or for a flag name given as a key."""
+    by_flag = {setting.flag.lstrip("-").replace("-", "_"): name for name, setting in known.items()}
+    name = by_flag.get(key.replace("-", "_"))
+    if name is None:
+        close = difflib.get_close_matches(key, list(known), n=1)
+        name = close[0] if close else None
+    if name is None:
+        return ""
+    shown = prefix + name.upper() if prefix else name
+    return f" (did you mean {shown}?)"
