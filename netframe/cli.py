@@ -94,7 +94,8 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
             dest=name,
             type=_from_text(setting),
             action="append" if repeatable else "store",
-            default=None if repeatable else getattr(_DEFAULTS, name),
+            # Absent unless given: flags then override the environment and the file.
+            default=argparse.SUPPRESS,
             choices=(setting.choices or None) if setting.kind == "choice" else None,
             metavar=setting.metavar,
             help=f"{setting.help} (default: {default_text(name)})",
@@ -112,9 +113,6 @@ def _from_text(setting: Setting) -> Callable[[str], Any]:
     return parse
 
 
-_DEFAULTS = Config()
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = _Parser(prog="netframe", description="Fast TCP and UDP servers on asyncio.")
@@ -126,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a server",
         description="Run a server. With no --tcp or --udp it listens on both at "
         "127.0.0.1:9999; giving either replaces that default set.",
+    )
+    serve.add_argument(
+        "--config",
+        dest="config_file",
+        metavar="FILE",
+        help="read settings from this TOML file, keys named as Config fields "
+        "(default: $NETFRAME_CONFIG, else none); NETFRAME_* environment variables "
+        "override it, and flags override both",
     )
     add_setting_flags(serve)
     serve.set_defaults(func=_serve)
@@ -185,10 +191,8 @@ def _fail(message: str, status: int) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        values = {name: getattr(args, name) for name in settings()}
-        if values["udp_allow_ports"] is None:  # an append flag never given
-            del values["udp_allow_ports"]
-        return run(Config(**values))
+        flags = {name: getattr(args, name) for name in settings() if hasattr(args, name)}
+        return run(Config.load(args.config_file, **flags))
     except (ConfigError, HandlerError, LoopUnavailable) as exc:
         return _fail(str(exc), EXIT_USAGE)
     except ListenError as exc:
