@@ -230,3 +230,14 @@ def test_serve_with_a_bad_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
     path = write(tmp_path, "idle_timeout_s = -5\n")
     done = run_netframe("serve", "--config", str(path))
     assert_one_line_error(done, 2, f"{path}: idle_timeout_s: must be 0 (off) or more seconds")
+
+
+def test_the_file_shown_in_operations_md_loads(tmp_path: Path) -> None:
+    text = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", text, re.DOTALL)
+    assert block, "operations.md has lost its TOML example"
+    example = block[1].replace("\n  ", "\n").removeprefix("  ")  # it is indented in a list
+    config = Config.load(write(tmp_path, example), environ={})
+    assert config.handler == "echo"
+    assert config.udp_addresses == ()
+    assert config.idle_timeout_s == 60
