@@ -30,8 +30,14 @@ def code_blocks(path: Path) -> list[tuple[str, str]]:
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_second() -> None:
     blocks = [body.strip() for _, body in code_blocks(ROOT / "README.md")]
-    assert blocks[0] == 'pip install ".[uvloop]" && python -m netframe serve'
-    assert blocks[1] == 'pip install -e ".[test]" && python -m pytest'
+    assert blocks[0] == (
+        'python3 tools/make_venv.py && .venv/bin/python -m pip install ".[uvloop]" '
+        "&& .venv/bin/python -m netframe serve"
+    )
+    assert blocks[1] == (
+        'python3 tools/make_venv.py && .venv/bin/python -m pip install -e ".[test]" '
+        "&& .venv/bin/python -m pytest"
+    )
     assert blocks[1] in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
