@@ -7,12 +7,17 @@ import dataclasses
 import itertools
 import logging
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from netframe.config import Config
 from netframe.framing import Framer, make_framer
 from netframe.handlers import Handler, InetAddress, PeerAddress
 from netframe.limits import DeadlineWheel, EventSummary
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
+    from netframe.tcp import TcpEndpoint
 
 __all__ = ["TICK_S", "EndpointContext", "error_reply", "format_peer", "normalise_host"]
 
@@ -52,9 +57,9 @@ class EndpointContext:
 
     config: Config
     handler_factory: Callable[[], Handler]
-    log: Any
+    log: FilteringBoundLogger
     # Live TCP endpoints, for graceful shutdown and stats.
-    connections: set[Any] = dataclasses.field(default_factory=set)
+    connections: set[TcpEndpoint] = dataclasses.field(default_factory=set)
     # Open TCP connections per client address, kept only when max_per_ip is set.
     per_ip: dict[str, int] = dataclasses.field(default_factory=dict)
     # Most TCP connections at once; the server resolves "auto" when it starts.
@@ -62,7 +67,9 @@ class EndpointContext:
     # The coarse clock (loop time), advanced every TICK_S by the server.
     now: float = 0.0
     # Connections waiting for their next deadline check.
-    wheel: DeadlineWheel[Any] = dataclasses.field(default_factory=lambda: DeadlineWheel(TICK_S))
+    wheel: DeadlineWheel[TcpEndpoint] = dataclasses.field(
+        default_factory=lambda: DeadlineWheel(TICK_S)
+    )
     # async on_disconnect calls still running; a stopping server waits for them.
     background: set[asyncio.Task[None]] = dataclasses.field(default_factory=set)
     # Set by a stopping server; the last connection to close sets it.

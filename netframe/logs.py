@@ -22,9 +22,10 @@ import logging
 import sys
 import threading
 import time
-from typing import Any, Final, TextIO
+from typing import Any, Final, TextIO, cast
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 from netframe.config import LogFormat
 
@@ -39,12 +40,16 @@ _BATCH_LINES: Final = 512
 STDLIB_LOG_INTERVAL_S: Final = 1.0
 
 
-def get_logger() -> Any:
-    """The framework's logger; bind per-connection context onto it."""
-    return structlog.get_logger("netframe")
+def get_logger() -> FilteringBoundLogger:
+    """The framework's logger; bind per-connection context onto it.
+
+    Typed as structlog's ``FilteringBoundLogger`` protocol, which the loggers of both
+    set-ups meet: :func:`configure_logging`'s, and an application's own.
+    """
+    return cast(FilteringBoundLogger, structlog.get_logger("netframe"))
 
 
-def lifecycle_logger() -> Any:
+def lifecycle_logger() -> FilteringBoundLogger:
     """A logger for the few events an operator must always see, whatever the level: the
     addresses bound (with port 0 resolved) and that the server is serving.
 
@@ -175,7 +180,7 @@ class _StdlibToStructlog(logging.Handler):
 
 _writer: LineWriter | None = None
 # The logger behind lifecycle_logger() when the configured level hides info events.
-_lifecycle: Any = None
+_lifecycle: FilteringBoundLogger | None = None
 _stdlib_handler = _StdlibToStructlog()
 
 

@@ -36,6 +36,8 @@ import time
 from collections.abc import Awaitable, Iterable
 from typing import Any, Final, cast
 
+from structlog.typing import FilteringBoundLogger
+
 from netframe._endpoint import (
     HANDLER_ERROR_EVENT,
     TICK_S,
@@ -162,7 +164,7 @@ class TcpEndpoint(asyncio.Protocol):
         self.close_reason: CloseReason | None = None
         # Bound and read on first use: a connection that logs nothing, or never asks
         # for its addresses, does not pay for them.
-        self._log: Any = None
+        self._log: FilteringBoundLogger | None = None
         self._peer: PeerAddress | None = _UNREAD
         self._local: PeerAddress | None = _UNREAD
         self.id = ctx.next_id()
@@ -362,7 +364,7 @@ class TcpEndpoint(asyncio.Protocol):
         return InetAddress.from_sockaddr(raw)
 
     @property
-    def log(self) -> Any:
+    def log(self) -> FilteringBoundLogger:
         """This connection's logger: ``transport``, ``peer`` and ``conn`` bound."""
         if self._log is None:
             self._log = self._ctx.log.bind(

@@ -22,6 +22,8 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Final
 
+from structlog.typing import FilteringBoundLogger
+
 from netframe._endpoint import error_reply, format_peer
 from netframe.config import Config
 from netframe.framing import make_framer
@@ -85,7 +87,9 @@ class MemoryConnection:
         self.tls: TlsInfo | None = None
         self.via: PeerAddress | None = None
         self.id = next(_ids) if network != "udp" else 0
-        self.log: Any = get_logger().bind(transport=network, peer=format_peer(peer), conn=self.id)
+        self.log: FilteringBoundLogger = get_logger().bind(
+            transport=network, peer=format_peer(peer), conn=self.id
+        )
         self.encoding = encoding
         self.max_line_bytes = max_line_bytes
         self._framer = make_framer(framing, max_line_bytes, 0.25)()

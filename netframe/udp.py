@@ -32,6 +32,8 @@ import socket
 from collections.abc import Awaitable, Hashable
 from typing import Any, Final, cast
 
+from structlog.typing import FilteringBoundLogger
+
 from netframe._endpoint import (
     HANDLER_ERROR_EVENT,
     SUMMARY_INTERVAL_S,
@@ -85,7 +87,7 @@ class UdpPeer:
         return self._endpoint.local
 
     @property
-    def log(self) -> Any:
+    def log(self) -> FilteringBoundLogger:
         return self._endpoint.log.bind(peer=format_peer(self.addr))
 
     def send(self, message: str | bytes) -> None:
@@ -136,7 +138,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         config = ctx.config
         self.ctx = ctx
         self.handler = handler
-        self.log: Any = ctx.log.bind(transport="udp")
+        self.log: FilteringBoundLogger = ctx.log.bind(transport="udp")
         self._transport: asyncio.DatagramTransport | None = None
         #: The listener's own address, ``conn.local`` of every datagram it receives.
         self.local: InetAddress | None = None

@@ -48,9 +48,10 @@ BUILTIN_HANDLERS: dict[str, str] = {
 }
 
 
-class HandlerError(Error, LookupError):
-    """A handler name does not resolve to something that makes handlers, or what it
-    resolves to does not make one."""
+class HandlerError(Error, ValueError):
+    """The ``handler`` setting is unusable: a name that does not resolve, something
+    that does not make handlers, or a factory that failed when it was tried (the
+    factory's exception is then the cause). Like :class:`ConfigError`, a bad value."""
 
 
 def resolve_handler(spec: str | HandlerFactory) -> HandlerFactory:

@@ -19,6 +19,8 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
     from netframe.server import Server
 
 __all__ = [
@@ -175,7 +177,7 @@ class Connection(Protocol):
         ...
 
     @property
-    def log(self) -> Any:
+    def log(self) -> FilteringBoundLogger:
         """A structlog logger bound to this peer (``peer=``, ``conn=``)."""
         ...
 
