@@ -57,7 +57,18 @@ def lifecycle_logger() -> FilteringBoundLogger:
     warning``, as a server's "listening on" line usually is. Where the application
     configured structlog itself, this is :func:`get_logger`.
     """
-    return _lifecycle if _lifecycle is not None else get_logger()
+    if _level is None or _level <= logging.INFO:
+        return get_logger()  # what the configured logger shows anyway
+    # The processors and output in force now (a test's capture_logs too), without the level.
+    config = structlog.get_config()
+    return cast(
+        FilteringBoundLogger,
+        structlog.wrap_logger(
+            config["logger_factory"](),
+            processors=config["processors"],
+            wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        ),
+    )
 
 
 class LineWriter:
@@ -179,8 +190,8 @@ class _StdlibToStructlog(logging.Handler):
 
 
 _writer: LineWriter | None = None
-# The logger behind lifecycle_logger() when the configured level hides info events.
-_lifecycle: FilteringBoundLogger | None = None
+# The level configure_logging set; None: the application configured structlog itself.
+_level: int | None = None
 _stdlib_handler = _StdlibToStructlog()
 
 
@@ -194,7 +205,8 @@ def configure_logging(
     :class:`LineWriter`); :func:`flush_logs` waits for them. Python's ``asyncio`` logger
     is routed through the same format.
     """
-    global _writer
+    global _writer, _level
+    _level = logging.getLevelNamesMapping()[level.upper()]
     processors: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -219,21 +231,11 @@ def configure_logging(
     writer = _writer = LineWriter(stream or sys.stderr)
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(_level),
         logger_factory=lambda *_: writer,
         cache_logger_on_first_use=True,
     )
     writer.on_recovered = lambda dropped: get_logger().warning("log_lines_dropped", dropped=dropped)
-    global _lifecycle
-    _lifecycle = None  # at info and below, the ordinary logger shows lifecycle events
-    if logging.getLevelNamesMapping()[level.upper()] > logging.INFO:
-        _lifecycle = structlog.wrap_logger(
-            writer,
-            processors=processors,
-            wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        )
     asyncio_logger = logging.getLogger("asyncio")
     asyncio_logger.propagate = False
     if _stdlib_handler not in asyncio_logger.handlers:
