@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -66,17 +66,12 @@ def _from_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    known = settings()
-    values = {}
-    for key, value in table.items():
-        setting = known.get(key)
-        if setting is None:
-            raise ConfigError(f"{path}: unknown setting {key!r}{_suggestion(key, known)}")
-        try:
-            values[key] = _checked(key, setting, _file_value(setting, value))
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {key}: {_reason(key, exc)}") from None
-    return values
+    return _read(
+        table.items(),
+        _file_value,
+        where=lambda key: f"{path}: {key}",
+        unknown=lambda key: f"{path}: unknown setting {key!r}{_suggestion(key)}",
+    )
 
 
 def _file_value(setting: Setting, value: Any) -> Any:
@@ -93,20 +88,40 @@ def _file_value(setting: Setting, value: Any) -> Any:
 
 
 def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    return _read(
+        (
+            (variable[len(ENV_PREFIX) :].lower(), text)
+            for variable, text in environ.items()
+            if variable.startswith(ENV_PREFIX) and variable not in OTHER_VARIABLES
+        ),
+        _text_value,
+        where=lambda key: ENV_PREFIX + key.upper(),
+        unknown=lambda key: (
+            f"unknown environment variable {ENV_PREFIX}{key.upper()}"
+            f"{_suggestion(key, prefix=ENV_PREFIX)}"
+        ),
+    )
+
+
+def _read(
+    items: Iterable[tuple[str, Any]],
+    convert: Callable[[Setting, Any], Any],
+    *,
+    where: Callable[[str], str],
+    unknown: Callable[[str], str],
+) -> dict[str, Any]:
+    """Each ``(key, raw value)`` converted and checked as its setting says; errors
+    name ``where(key)`` the value came from."""
     known = settings()
     values = {}
-    for variable, text in environ.items():
-        if not variable.startswith(ENV_PREFIX) or variable in OTHER_VARIABLES:
-            continue
-        key = variable[len(ENV_PREFIX) :].lower()
+    for key, raw in items:
         setting = known.get(key)
         if setting is None:
-            hint = _suggestion(key, known, prefix=ENV_PREFIX)
-            raise ConfigError(f"unknown environment variable {variable}{hint}")
+            raise ConfigError(unknown(key))
         try:
-            values[key] = _checked(key, setting, _text_value(setting, text))
+            values[key] = _checked(key, setting, convert(setting, raw))
         except ConfigError as exc:
-            raise ConfigError(f"{variable}: {_reason(key, exc)}") from None
+            raise ConfigError(f"{where(key)}: {_reason(key, exc)}") from None
     return values
 
 
@@ -129,8 +144,9 @@ def _reason(key: str, exc: ConfigError) -> str:
     return str(exc).removeprefix(f"{key} ")
 
 
-def _suggestion(key: str, known: Mapping[str, Setting], prefix: str = "") -> str:
+def _suggestion(key: str, prefix: str = "") -> str:
     """`` (did you mean ...?)`` for a near miss, or for a flag name given as a key."""
+    known = settings()
     by_flag = {setting.flag.lstrip("-").replace("-", "_"): name for name, setting in known.items()}
     name = by_flag.get(key.replace("-", "_"))
     if name is None:
