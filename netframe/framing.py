@@ -34,6 +34,7 @@ End of input and elapsed time are events a framer receives (:meth:`Framer.eof`,
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from collections.abc import Callable
@@ -286,7 +287,10 @@ class AutoFramer(LineFramer):
     greeting_terminator = NONE
 
     def __init__(self, max_line_bytes: int, delay_s: float) -> None:
-        super().__init__(max_line_bytes)
+        # LineFramer's fields, set here: one framer is made per connection.
+        self.max_line_bytes = max_line_bytes
+        self.overflow = False
+        self.partial = self.unparsed = NONE
         self._state = _UNDECIDED
         self._delay = delay_s
         self.wake_after = None
@@ -296,9 +300,11 @@ class AutoFramer(LineFramer):
         if state == _LINES:
             return super().feed(data)
         if state == _BARE:
-            if len(data) <= self.max_line_bytes:
-                return [split_terminator(data)] if data else []
-            return _pieces(data, self.max_line_bytes)
+            if len(data) > self.max_line_bytes:
+                return _pieces(data, self.max_line_bytes)
+            if data.endswith(LF):
+                return [split_terminator(data)]
+            return [(data, NONE)] if data else []  # the tutorial's words: no call
         self.wake_after = None
         if LF in data:
             self._state = _LINES
@@ -404,14 +410,15 @@ def make_framer(
         ValueError: with a one-line reason when ``module:attribute`` cannot be imported
             or does not make framers (one is made here to check).
     """
+    # functools.partial: a call in C, where a lambda would add a Python frame per connection.
     if framing == "raw":
-        return lambda: RawFramer(max_line_bytes)
+        return functools.partial(RawFramer, max_line_bytes)
     if framing == "auto":
-        return lambda: AutoFramer(max_line_bytes, bare_delay_s)
+        return functools.partial(AutoFramer, max_line_bytes, bare_delay_s)
     if framing == "line":
-        return lambda: LineFramer(max_line_bytes)
+        return functools.partial(LineFramer, max_line_bytes)
     if framing == "length":
-        return lambda: LengthFramer(max_line_bytes, length_prefix_bytes)
+        return functools.partial(LengthFramer, max_line_bytes, length_prefix_bytes)
     return _user_framer(framing, max_line_bytes)
 
 

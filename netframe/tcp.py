@@ -34,7 +34,7 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Iterable
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from structlog.typing import FilteringBoundLogger
 
@@ -172,10 +172,12 @@ class TcpEndpoint(asyncio.Protocol):
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
         ctx = self._ctx
-        # uvloop transports implement the interface without subclassing it.
-        self._transport = transport = cast(asyncio.Transport, transport)
+        # uvloop transports implement the interface without subclassing it (no cast():
+        # a call per connection).
+        transport: asyncio.Transport = base  # type: ignore[assignment]
+        self._transport = transport
         if ctx.info:  # only the logged duration needs a fine clock
             self._started = time.monotonic()
         if ctx.stopping:
