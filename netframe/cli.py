@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from netframe._interactive import InputError, encode, interact_tcp, interact_udp, show
 from netframe._version import __version__
 from netframe.client import ClientError, TcpClient, UdpClient
 from netframe.config import (
@@ -138,9 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     client = commands.add_parser(
         "client",
-        help="talk to a server as the tutorial's client does",
+        help="talk to a server as the tutorial's client does, or like nc with -i",
         description="Connect, print what the server says, send each NAME and print each "
-        "reply, then send exit (TCP).",
+        "reply, then send exit (TCP). With -i, send each line of stdin instead and print "
+        "the replies as they arrive, like nc.",
     )
     # Optional to argparse only so that its message names what is missing: HOST:PORT.
     client.add_argument("address", type=_address, metavar="HOST:PORT", nargs="?")
@@ -148,20 +152,40 @@ def build_parser() -> argparse.ArgumentParser:
         "names",
         nargs="*",
         metavar="NAME",
-        help=f"messages to send (default: {' '.join(DEFAULT_NAMES)})",
+        help=f"messages to send (default: {' '.join(DEFAULT_NAMES)}; none with -i)",
     )
     client.add_argument("--udp", action="store_true", help="use UDP instead of TCP")
+    client.add_argument(
+        "-i",
+        "--interactive",
+        action="store_true",
+        help="send each line of stdin as one message and print replies as they arrive, "
+        "like nc; at the end of stdin, half-close and wait for the server to close (UDP: "
+        "for the missing replies, each for at most --timeout) (default: off)",
+    )
+    client.add_argument(
+        "--no-greeting",
+        action="store_true",
+        help="TCP: send the first NAME at once instead of first waiting for a greeting "
+        "(default: off)",
+    )
+    client.add_argument(
+        "--no-exit",
+        action="store_true",
+        help="TCP: close the connection after the last reply instead of sending exit and "
+        "waiting for the server to close it (default: off)",
+    )
     client.add_argument(
         "--framing",
         choices=FRAMINGS,
         default="auto",
-        help="line sends each NAME with a newline; auto and raw send bare "
-        "words as the tutorial's client does (default: %(default)s)",
+        help="line sends each NAME (or line of stdin) with a newline; auto and raw send "
+        "bare words as the tutorial's client does (default: %(default)s)",
     )
     client.add_argument(
         "--encoding",
         default="utf-8",
-        help="text encoding of the names sent and the replies shown (default: %(default)s)",
+        help="text encoding of the messages sent and the replies shown (default: %(default)s)",
     )
     client.add_argument(
         "--timeout",
@@ -204,31 +228,38 @@ def _serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> int:
     if args.address is None:
         return _fail("the following argument is required: HOST:PORT (see --help)", EXIT_USAGE)
+    if args.interactive and args.names:
+        return _fail(
+            "argument -i/--interactive: not allowed with NAME arguments (see --help)",
+            EXIT_USAGE,
+        )
     try:
         factory = loop_factory(args.loop)
         Config(encoding=args.encoding)  # validates the encoding name
-    except (LoopUnavailable, ConfigError) as exc:
+        names = [] if args.interactive else args.names or list(DEFAULT_NAMES)
+        for name in names:  # before connecting: a name that cannot be sent is a usage error
+            encode(name, args.encoding)
+    except (LoopUnavailable, ConfigError, InputError) as exc:
         return _fail(str(exc), EXIT_USAGE)
-    names = args.names or list(DEFAULT_NAMES)
-    for name in names:  # before connecting: a name that cannot be sent is a usage error
-        try:
-            name.encode(args.encoding)
-        except UnicodeEncodeError as exc:
-            bad = exc.object[exc.start : exc.end]
-            return _fail(f"cannot encode {bad!r} as {args.encoding}", EXIT_USAGE)
-    talk = _talk_udp if args.udp else _talk_tcp
+    if args.interactive:
+        session = functools.partial(interact_udp if args.udp else interact_tcp, args)
+    else:
+        session = functools.partial(_talk_udp if args.udp else _talk_tcp, args, names)
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(talk(args, names))
+            runner.run(session())
+    except InputError as exc:
+        return _fail(str(exc), EXIT_USAGE)
     except ClientError as exc:
         return _fail(str(exc), EXIT_FAILURE)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Whoever read stdout has stopped (``| head``): end quietly, as other tools do,
+        # and point stdout at the null device, where Python's last flush cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
     return 0
-
-
-def _show(reply: bytes, encoding: str) -> None:
-    print(reply.decode(encoding, errors="replace"), flush=True)
 
 
 async def _talk_tcp(args: argparse.Namespace, names: Sequence[str]) -> None:
@@ -236,12 +267,14 @@ async def _talk_tcp(args: argparse.Namespace, names: Sequence[str]) -> None:
     async with await TcpClient.connect(
         address.host, address.port, framing=args.framing, timeout_s=args.timeout_s
     ) as client:
-        _show(await client.receive(), args.encoding)
+        if not args.no_greeting:
+            show(await client.receive(), args.encoding)
         for name in names:
             client.send(name, args.encoding)
-            _show(await client.receive(), args.encoding)
-        client.send("exit", args.encoding)
-        await client.wait_closed()
+            show(await client.receive(), args.encoding)
+        if not args.no_exit:
+            client.send("exit", args.encoding)
+            await client.wait_closed()
 
 
 async def _talk_udp(args: argparse.Namespace, names: Sequence[str]) -> None:
@@ -252,7 +285,7 @@ async def _talk_udp(args: argparse.Namespace, names: Sequence[str]) -> None:
         for name in names:
             message = name + "\n" if args.framing == "line" else name
             reply = await client.request(message, args.encoding)
-            _show(reply.removesuffix(b"\n"), args.encoding)
+            show(reply.removesuffix(b"\n"), args.encoding)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,7 +5,9 @@ server's: with ``line`` each message is sent with ``\\n`` and replies are read l
 line; with ``auto`` or ``raw`` messages go out bare, as the seeds' clients send them,
 and each received chunk is one reply (a bare reply has no other boundary).
 
-Every wait has a timeout, and failures are :class:`ClientError` with a one-line reason.
+Every wait has a timeout, except in :meth:`TcpClient.next_reply` and
+:meth:`UdpClient.next_datagram`, whose callers bound their waits; failures are
+:class:`ClientError` with a one-line reason.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class _Receiver(asyncio.Protocol):
         self.replies: collections.deque[bytes] = collections.deque()
         self.waiter: asyncio.Future[None] | None = None
         self.closed = asyncio.get_running_loop().create_future()
+        # Set while the transport's write buffer is above its high-water mark.
+        self.writable: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop transports implement the interface without subclassing it.
@@ -53,6 +57,17 @@ class _Receiver(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(None)
         self._wake()
+        self.resume_writing()  # nothing will be written now: release whoever waits
+
+    def pause_writing(self) -> None:
+        if self.writable is None:
+            self.writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.writable is not None:
+            if not self.writable.done():
+                self.writable.set_result(None)
+            self.writable = None
 
     def _wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -138,6 +153,43 @@ class TcpClient:
         if self._protocol.transport is not None:
             self._protocol.transport.close()
 
+    # For sessions that print replies as they come rather than one per message sent,
+    # such as the command line's interactive mode (-i).
+
+    @property
+    def closed(self) -> bool:
+        """The connection is closed: by the server, or by :meth:`close`."""
+        return self._protocol.closed.done()
+
+    async def next_reply(self) -> bytes | None:
+        """The next reply, or ``None`` once the connection closed and every reply was taken.
+
+        It waits as long as it takes; the caller bounds the wait (cancelling loses no
+        reply).
+        """
+        protocol = self._protocol
+        while not protocol.replies:
+            if protocol.closed.done():
+                return None
+            protocol.waiter = asyncio.get_running_loop().create_future()
+            await protocol.waiter
+        return protocol.replies.popleft()
+
+    async def drain(self) -> None:
+        """Wait until the unsent data is below the transport's high-water mark."""
+        if (writable := self._protocol.writable) is not None:
+            await asyncio.shield(writable)
+
+    def write_eof(self) -> None:
+        """Half-close: tell the server nothing more is coming, and keep reading."""
+        transport = self._protocol.transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()
+
     async def __aenter__(self) -> TcpClient:
         return self
 
@@ -199,10 +251,7 @@ class UdpClient:
             reply = await asyncio.wait_for(self._protocol.replies.get(), self.timeout_s)
         except TimeoutError:
             raise ClientError(f"no reply within {self.timeout_s:g} s") from None
-        if isinstance(reply, Exception):
-            reason = reply.strerror if isinstance(reply, OSError) else None
-            raise ClientError(f"no reply: {reason or reply}")
-        return reply
+        return _datagram_or_raise(reply)
 
     async def request(self, message: str | bytes, encoding: str = "utf-8") -> bytes:
         """Send one datagram and return the first datagram that comes back."""
@@ -213,8 +262,24 @@ class UdpClient:
         """Close the socket."""
         self._transport.close()
 
+    async def next_datagram(self) -> bytes:
+        """The next datagram received, however long it takes; the caller bounds the wait
+        (as :meth:`TcpClient.next_reply`, for sessions that print replies as they come).
+
+        Raises:
+            ClientError: the system reported an error, such as "Connection refused".
+        """
+        return _datagram_or_raise(await self._protocol.replies.get())
+
     async def __aenter__(self) -> UdpClient:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _datagram_or_raise(reply: bytes | Exception) -> bytes:
+    if isinstance(reply, Exception):
+        reason = reply.strerror if isinstance(reply, OSError) else None
+        raise ClientError(f"no reply: {reason or reply}")
+    return reply

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import queue
+import select
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -231,3 +234,249 @@ def test_udp_address_in_use_names_the_reason(cli_server: Callable[..., CliServer
     host, port = server.address("udp")
     done = run_netframe("serve", "--udp", f"{host}:{port}")
     assert_one_line_error(done, 1, f"cannot listen on udp {host}:{port}: Address already in use")
+
+
+# The client beyond the tutorial's exchange: no greeting, no exit, and -i, which sends the
+# lines of stdin.
+
+
+def client_env() -> dict[str, str]:
+    """The environment, with the client's stdin decoded as UTF-8 whatever the locale."""
+    return {**os.environ, "PYTHONIOENCODING": "utf-8"}
+
+
+def run_client(*args: str, stdin: str) -> subprocess.CompletedProcess[str]:
+    """``python -m netframe client ARGS`` fed ``stdin``, its output captured as text.
+
+    Surrogate escapes stand for bytes that are not UTF-8 (``"\\udcff"`` is the byte 0xff).
+    """
+    return subprocess.run(
+        [sys.executable, "-m", "netframe", "client", *args],
+        input=stdin, capture_output=True, encoding="utf-8", errors="surrogateescape",
+        timeout=60, env=client_env(),
+    )  # fmt: skip
+
+
+class InteractiveClient:
+    """``python -m netframe client -i`` with its stdin open, its stdout read line by line."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "netframe", "client", "-i", *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            encoding="utf-8", env=client_env(),
+        )  # fmt: skip
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+
+    def line(self) -> str:
+        """The next line printed (waiting at most 30 s for it)."""
+        return self._lines.get(timeout=30)
+
+    def type(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text)
+        self.proc.stdin.flush()
+
+    def finish(self) -> tuple[int, str]:
+        """Wait for the exit; return the status and what was written on stderr."""
+        try:
+            code = self.proc.wait(30)
+        finally:
+            self.proc.kill()
+            self.proc.wait(15)
+            self._reader.join(15)
+            for pipe in (self.proc.stdin, self.proc.stdout):
+                if pipe is not None:
+                    pipe.close()
+        assert self.proc.stderr is not None
+        with self.proc.stderr:
+            return code, self.proc.stderr.read()
+
+
+def test_client_without_greeting_or_exit_talks_to_an_echo_server(
+    cli_server: Callable[..., CliServer], loop_name: str
+) -> None:
+    server = cli_server("--tcp", "127.0.0.1:0", "--handler", "echo", "--framing", "line")
+    host, port = server.address("tcp")
+    done = run_netframe(
+        "client", f"{host}:{port}", "--no-greeting", "--no-exit", "--framing", "line",
+        "--loop", loop_name, "Ann", "Bo Li",
+    )  # fmt: skip
+    assert (done.returncode, done.stdout, done.stderr) == (0, "Ann\nBo Li\n", "")
+    closed = server.wait_for("connection_closed")[0]
+    # The client closed the connection itself: no "exit" went out (it would be echoed).
+    assert (closed["reason"], closed["messages_in"]) == ("peer_closed", 2)
+
+
+def test_interactive_client_sends_each_stdin_line(
+    cli_server: Callable[..., CliServer], loop_name: str
+) -> None:
+    server = cli_server("--tcp", "127.0.0.1:0", "--handler", "echo", "--framing", "line")
+    host, port = server.address("tcp")
+    # \r\n ends a line too, and a last line needs no newline. The end of stdin
+    # half-closes the connection; the server answers and closes; the client exits 0.
+    stdin = "one\ntwo words\r\n\nZo\u00eb\nlast"
+    done = run_client(f"{host}:{port}", "-i", "--framing", "line", "--loop", loop_name, stdin=stdin)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == "one\ntwo words\n\nZo\u00eb\nlast\n"
+    closed = server.wait_for("connection_closed")[0]
+    assert (closed["reason"], closed["messages_in"]) == ("peer_closed", 5)
+    # --encoding applies to what is sent, and to the replies printed.
+    done = run_client(
+        f"{host}:{port}", "-i", "--framing", "line", "--encoding", "latin-1", stdin="Zo\u00eb\n"
+    )
+    assert (done.returncode, done.stdout) == (0, "Zo\u00eb\n")
+    closed = server.wait_for("connection_closed", 2)[1]
+    assert closed["bytes_in"] == len("Zo\u00eb\n".encode("latin-1"))
+
+
+def test_interactive_client_sends_bare_lines_in_raw_framing(
+    cli_server: Callable[..., CliServer],
+) -> None:
+    server = cli_server("--tcp", "127.0.0.1:0", "--handler", "echo", "--framing", "raw")
+    host, port = server.address("tcp")
+    done = run_client(f"{host}:{port}", "-i", "--framing", "raw", stdin="hi\n")
+    # Sent as "hi": a newline sent would have come back, and shown as an empty line.
+    assert (done.returncode, done.stdout, done.stderr) == (0, "hi\n", "")
+    assert server.wait_for("connection_closed")[0]["bytes_in"] == 2
+
+
+def test_interactive_client_prints_pushes_as_they_arrive(
+    cli_server: Callable[..., CliServer],
+    loop_name: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (tmp_path / "pusher.py").write_text(
+        textwrap.dedent(
+            """
+            import asyncio
+
+            from netframe import Handler
+
+            class Pusher(Handler):
+                async def on_connect(self, conn):
+                    conn.send("first push")
+                    await asyncio.sleep(0.2)
+                    conn.send("second push")
+
+                def on_message(self, conn, message):
+                    conn.send(f"got {message}")
+            """
+        )
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), *sys.path]))
+    server = cli_server("--tcp", "127.0.0.1:0", "--handler", "pusher:Pusher", "--framing", "line")
+    host, port = server.address("tcp")
+    client = InteractiveClient(f"{host}:{port}", "--framing", "line", "--loop", loop_name)
+    try:
+        # Both pushes are printed while nothing has been typed and stdin is still open.
+        assert client.line() == "first push\n"
+        assert client.line() == "second push\n"
+        client.type("hello\n")
+        assert client.line() == "got hello\n"
+    finally:
+        assert client.proc.stdin is not None
+        client.proc.stdin.close()  # the end of stdin: the server closes, the client exits
+        code, errors = client.finish()
+    assert (code, errors) == (0, "")
+    assert server.wait_for("connection_closed")[0]["reason"] == "peer_closed"
+
+
+def test_interactive_client_exits_quietly_on_ctrl_c(
+    cli_server: Callable[..., CliServer], loop_name: str
+) -> None:
+    server = cli_server("--tcp", "127.0.0.1:0")
+    host, port = server.address("tcp")
+    client = InteractiveClient(f"{host}:{port}", "--loop", loop_name)
+    try:
+        assert client.line() == "Welcome!\n"  # connected, waiting on stdin
+    finally:
+        client.proc.send_signal(signal.SIGINT)
+        code, errors = client.finish()
+    assert (code, errors) == (130, "")
+
+
+@pytest.mark.parametrize(("framing", "sizes"), [("line", [4, 10]), ("raw", [3, 9])])
+def test_interactive_client_over_udp(
+    cli_server: Callable[..., CliServer], loop_name: str, framing: str, sizes: list[int]
+) -> None:
+    server = cli_server(
+        "--udp", "127.0.0.1:0", "--handler", "echo", "--framing", framing, "--log-level", "debug"
+    )
+    host, port = server.address("udp")
+    # Every datagram sent got its reply: the client exits then, without waiting out its
+    # --timeout (here longer than the test's own bound).
+    done = run_client(
+        f"{host}:{port}", "--udp", "-i", "--framing", framing, "--loop", loop_name,
+        "--timeout", "120", stdin="one\ntwo words\n",
+    )  # fmt: skip
+    assert (done.returncode, done.stdout, done.stderr) == (0, "one\ntwo words\n", "")
+    assert [e["size"] for e in server.wait_for("datagram_received", 2)] == sizes
+
+
+def test_interactive_client_over_udp_stops_waiting_after_its_timeout() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.settimeout(30)
+        silent.bind(("127.0.0.1", 0))
+        port = silent.getsockname()[1]
+        done = run_client(f"127.0.0.1:{port}", "--udp", "-i", "--timeout", "0.2", stdin="a\n")
+        assert silent.recv(100) == b"a"
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (["-i", "Ann"], "argument -i/--interactive: not allowed with NAME arguments"),
+        (["--no-exit=yes"], "ignored explicit argument 'yes'"),
+        (["-i", "--timeout", "0"], "'0' must be a finite number greater than 0"),
+    ],
+)
+def test_bad_client_flags_are_one_line_and_exit_2(args: list[str], text: str) -> None:
+    assert_one_line_error(run_netframe("client", "127.0.0.1:1", *args), 2, text)
+
+
+def test_interactive_input_the_client_cannot_send_is_a_usage_error(
+    cli_server: Callable[..., CliServer],
+) -> None:
+    server = cli_server("--tcp", "127.0.0.1:0", "--handler", "echo", "--framing", "line")
+    host, port = server.address("tcp")
+    done = run_client(f"{host}:{port}", "-i", "--encoding", "ascii", stdin="Zo\u00eb\n")
+    assert_one_line_error(done, 2, "cannot encode '\u00eb' as ascii")
+    done = run_client(f"{host}:{port}", "-i", stdin="ok\n\udcff\n")  # the byte 0xff
+    assert_one_line_error(done, 2, "cannot read stdin as utf-8: invalid start byte")
+
+
+def test_interactive_client_reads_a_file_and_ends_quietly_when_its_reader_does(
+    cli_server: Callable[..., CliServer], tmp_path: Path
+) -> None:
+    server = cli_server("--tcp", "127.0.0.1:0", "--handler", "echo", "--framing", "line")
+    host, port = server.address("tcp")
+    lines = tmp_path / "lines.txt"  # a regular file, and far more than a pipe's buffer
+    lines.write_text("".join(f"{n}\n" for n in range(100_000)))
+    with lines.open("rb") as stdin:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "netframe", "client", f"{host}:{port}", "-i",
+             "--framing", "line"],
+            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    try:
+        assert select.select([proc.stdout], [], [], 30)[0], "no output within 30 s"
+        assert proc.stdout.readline() == b"0\n"
+        proc.stdout.close()  # as `| head -1` does
+        code = proc.wait(60)
+    finally:
+        proc.kill()
+        proc.wait(15)
+    with proc.stderr:
+        assert (code, proc.stderr.read()) == (1, b"")
