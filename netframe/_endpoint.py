@@ -126,9 +126,10 @@ class EndpointContext:
         if total is not None:
             self.log.warning(REFUSED_EVENT, reason=reason, refused=total)
 
-    def flush_summaries(self) -> None:
-        """Log the refusal counts still waiting whose interval has passed (each tick)."""
-        for reason, total in self.summary.flush(self.now):
+    def flush_summaries(self, *, final: bool = False) -> None:
+        """Log the refusal counts still waiting whose interval has passed (each tick), or
+        all of them (``final``, at the stop)."""
+        for reason, total in self.summary.flush(self.now, final=final):
             self.log.warning(REFUSED_EVENT, reason=reason, refused=total)
 
 

@@ -300,11 +300,16 @@ class AutoFramer(LineFramer):
         if state == _LINES:
             return super().feed(data)
         if state == _BARE:
-            if len(data) > self.max_line_bytes:
-                return _pieces(data, self.max_line_bytes)
+            if len(data) > self.max_line_bytes:  # cut up, the line ending kept for the last
+                payload, ending = split_terminator(data)
+                pieces = _pieces(payload, self.max_line_bytes)
+                pieces[-1] = (pieces[-1][0], ending)
+                return pieces
             if data.endswith(LF):
                 return [split_terminator(data)]
             return [(data, NONE)] if data else []  # the tutorial's words: no call
+        if not data:  # nothing new: what is held stays held
+            return []
         self.wake_after = None
         if LF in data:
             self._state = _LINES
@@ -313,7 +318,10 @@ class AutoFramer(LineFramer):
             self._state = _BARE  # the common case, the tutorial's first word: no buffer
             return [(data, NONE)]
         messages = super().feed(data)  # held as a partial line, within the line limit
-        if self.overflow or not self.partial:
+        if self.overflow:
+            self._state = _LINES  # frames nothing more, as a line framer that overflowed
+            return messages
+        if not self.partial:
             return messages
         if len(data) < SEGMENT_FLOOR:
             return self._bare()
@@ -334,7 +342,9 @@ class AutoFramer(LineFramer):
         message, self.partial = bytes(self.partial), NONE
         self._state = _BARE
         self.wake_after = None
-        return [(message, NONE)]
+        # A held line may be one byte over the limit (a "\r" whose "\n" may follow); as
+        # a bare message it is cut to the limit like any other bare read.
+        return _pieces(message, self.max_line_bytes)
 
 
 class LengthFramer(Framer):

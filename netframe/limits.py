@@ -173,9 +173,11 @@ class EventSummary:
         self._last[kind] = now
         return self._pending.pop(kind)
 
-    def flush(self, now: float) -> Iterator[tuple[str, int]]:
-        """Yield ``(kind, count)`` for waiting counts whose interval has passed."""
-        for kind in [k for k in self._pending if now - self._last[k] >= self._interval]:
+    def flush(self, now: float, *, final: bool = False) -> Iterator[tuple[str, int]]:
+        """Yield ``(kind, count)`` for waiting counts whose interval has passed, or for
+        every waiting count when ``final`` (the server is stopping: nothing comes later)."""
+        due = [k for k in self._pending if final or now - self._last[k] >= self._interval]
+        for kind in due:
             self._last[kind] = now
             yield kind, self._pending.pop(kind)
 

@@ -258,7 +258,10 @@ class Server:
         self._closed = True
         if self._tick_handle is not None:
             self._tick_handle.cancel()
-        self._tick()  # log the refusal and drop counts still waiting
+        self._tick()
+        ctx.flush_summaries(final=True)  # the refusal and drop counts still waiting
+        for endpoint in self._udp_endpoints:
+            endpoint.flush_summaries(final=True)
         await self._stop_hook()
         self._log.info(
             "shutdown_finished",

@@ -203,7 +203,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         for task in self._tasks:
             task.cancel()
-        self.flush_summaries()
+        self.flush_summaries(final=True)  # the listener is gone: nothing comes later
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -231,9 +231,9 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         if self._limiter is not None and len(self._limiter) > self.ctx.config.udp_rate_sources // 2:
             self._limiter.prune(self.ctx.now)
 
-    def flush_summaries(self) -> None:
-        """Log drop counts still waiting whose interval has passed."""
-        for reason, total in self._summary.flush(self.ctx.now):
+    def flush_summaries(self, *, final: bool = False) -> None:
+        """Log drop counts still waiting whose interval has passed, or all (``final``)."""
+        for reason, total in self._summary.flush(self.ctx.now, final=final):
             self.log.warning(DROPPED_EVENT, reason=reason, dropped=total)
 
     def _start_async(self, awaitable: Awaitable[None], peer: UdpPeer) -> None:
