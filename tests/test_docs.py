@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import CliServer
+from conftest import CliServer, recv_exactly, recv_until_closed
 
 from netframe.config import settings_markdown
 
@@ -118,10 +118,8 @@ def test_async_handler_from_the_docs(cli_server: Callable[..., CliServer]) -> No
     )
     with socket.create_connection(server.address("tcp"), timeout=10) as sock:
         sock.sendall(b"alice\nnobody\nBob\n")
-        received = b""
-        while received.count(b"\n") < 3:
-            received += sock.recv(1024)
-    assert received == b"alice: 555-0100\nnobody: unknown\nBob: 555-0199\n"
+        expected = b"alice: 555-0100\nnobody: unknown\nBob: 555-0199\n"
+        assert recv_exactly(sock, len(expected)) == expected
 
 
 @pytest.mark.usefixtures("examples_on_path")
@@ -131,19 +129,10 @@ def test_custom_framer_from_the_docs_over_tcp(cli_server: Callable[..., CliServe
         sock.sendall(b"3:Bob,5:Ali")  # one whole message and the start of another
         sock.sendall(b"ce,")
         expected = b"8:Welcome!,11:Hello, Bob!,13:Hello, Alice!,"
-        received = b""
-        while len(received) < len(expected):
-            chunk = sock.recv(1024)
-            assert chunk, received
-            received += chunk
-        assert received == expected
+        assert recv_exactly(sock, len(expected)) == expected
         sock.sendall(b"x:")  # not a netstring: one framed error, then the close
-        rest = b""
-        while chunk := sock.recv(1024):
-            rest += chunk
-        assert rest == b"%d:Error: line exceeds 65536 bytes," % len(
-            b"Error: line exceeds 65536 bytes"
-        )
+        error = b"Error: line exceeds 65536 bytes"
+        assert recv_until_closed(sock, limit=1024) == b"%d:%s," % (len(error), error)
 
 
 @pytest.mark.usefixtures("examples_on_path")
@@ -155,17 +144,17 @@ def test_chat_example_pushes_and_opens_and_closes_with_the_server(
         socket.create_connection(server.address("tcp"), timeout=10) as first,
         first.makefile("rb") as first_lines,
     ):
-        assert re.fullmatch(rb"Welcome, #\d+! 0 others here\.\n", first_lines.readline())
+        assert re.fullmatch(rb"Welcome, #\d+! 0 others here\.\n", first_lines.readline(1024))
         with socket.create_connection(server.address("tcp"), timeout=10) as second:
             port = second.getsockname()[1]
             with second.makefile("rb") as second_lines:
-                assert second_lines.readline().endswith(b"! 1 others here.\n")
-            joined = first_lines.readline()
+                assert second_lines.readline(1024).endswith(b"! 1 others here.\n")
+            joined = first_lines.readline(1024)
             number = int(re.fullmatch(rb"#(\d+) joined from 127\.0\.0\.1:(\d+)\n", joined)[1])  # type: ignore[index]
             assert joined.endswith(b":%d\n" % port)
             second.sendall(b"hi all\n/quit\n")
-            assert first_lines.readline() == b"#%d: hi all\n" % number
-            assert first_lines.readline() == b"#%d left (handler_closed)\n" % number
+            assert first_lines.readline(1024) == b"#%d: hi all\n" % number
+            assert first_lines.readline(1024) == b"#%d left (handler_closed)\n" % number
     assert server.stop() == 0
     events = [e["event"] for e in server.events]
     assert events.index("chat_opened") < events.index("listening")

@@ -187,41 +187,6 @@ def test_split_terminator(payload: bytes, expected: tuple[bytes, bytes]) -> None
     assert split_terminator(payload) == expected
 
 
-# -- property: how a stream is cut into reads never changes the messages ----------------
-
-line_text = st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b""))
-terminators = st.sampled_from([b"\n", b"\r\n"])
-lines = st.lists(st.tuples(line_text, terminators), max_size=20)
-
-
-@st.composite
-def stream_and_cuts(draw: st.DrawFn) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
-    messages = draw(lines)
-    stream = b"".join(payload + term for payload, term in messages)
-    cuts = sorted(draw(st.lists(st.integers(0, len(stream)), max_size=12)))
-    edges = [0, *cuts, len(stream)]
-    return messages, [stream[a:b] for a, b in itertools.pairwise(edges)]
-
-
-@pytest.mark.parametrize("framer_class", [LineFramer, line_auto])
-@given(case=stream_and_cuts())
-def test_any_split_of_a_line_stream_gives_the_same_messages(
-    framer_class: type[LineFramer], case: tuple[list[tuple[bytes, bytes]], list[bytes]]
-) -> None:
-    expected, chunks = case
-    assert feed_all(framer_class(LIMIT), chunks) == expected
-
-
-@given(case=stream_and_cuts(), tail=line_text.filter(bool))
-def test_a_trailing_partial_line_is_held_not_delivered(
-    case: tuple[list[tuple[bytes, bytes]], list[bytes]], tail: bytes
-) -> None:
-    expected, chunks = case
-    framer = LineFramer(LIMIT)
-    assert feed_all(framer, [*chunks, tail]) == expected
-    assert not framer.overflow
-
-
 def test_raw_chunk_over_the_limit_is_cut_into_pieces_of_the_limit() -> None:
     framer = RawFramer(4)
     assert framer.feed(b"four") == [(b"four", b"")]
@@ -229,12 +194,14 @@ def test_raw_chunk_over_the_limit_is_cut_into_pieces_of_the_limit() -> None:
     assert not framer.overflow
 
 
-# -- property: under the limit, chunking never changes the messages or the error ---------
+# -- property: line framing, whatever the chunking, up to and over the limit ---------------
 
 SMALL_LIMIT = 16
-# Payloads around the limit, with "\r" inside as well as before the "\n".
-near_limit = st.lists(st.sampled_from([b"a", b"\r", b"\x00"]), max_size=SMALL_LIMIT + 3).map(
-    b"".join
+# Payloads from empty to a few bytes over the limit: "a", "\r" (inside, and just before
+# the "\n", where it makes a "\r\n") and NUL; or any bytes at all but "\n".
+near_limit = st.one_of(
+    st.lists(st.sampled_from([b"a", b"\r", b"\x00"]), max_size=SMALL_LIMIT + 3).map(b"".join),
+    st.binary(max_size=SMALL_LIMIT + 3).map(lambda b: b.replace(b"\n", b"")),
 )
 limit_lines = st.lists(st.tuples(near_limit, st.sampled_from([b"\n", b"\r\n"])), max_size=12)
 
@@ -248,8 +215,14 @@ def expected_under_limit(stream: bytes, limit: int) -> tuple[list[tuple[bytes, b
         if len(payload) > limit:
             return messages, True
         messages.append((payload, term))
-    excess = len(partial) - limit
-    return messages, excess > 1 or (excess == 1 and not partial.endswith(b"\r"))
+    return messages, over_limit(partial, limit)
+
+
+def over_limit(unfinished: bytes, limit: int) -> bool:
+    """An unfinished line is over the limit: one byte more is allowed only when it is a
+    "\r" whose "\n" may still come."""
+    excess = len(unfinished) - limit
+    return excess > 1 or (excess == 1 and not unfinished.endswith(b"\r"))
 
 
 def feed_and_pump(framer: Framer, chunks: list[bytes], limit: int) -> list[tuple[bytes, bytes]]:
@@ -257,10 +230,15 @@ def feed_and_pump(framer: Framer, chunks: list[bytes], limit: int) -> list[tuple
     framer never holds more than one unfinished line's worth of bytes."""
     messages = []
     for chunk in chunks:
-        messages += framer.feed(chunk)
-        while framer.unparsed:
-            messages += framer.feed(b"")
+        messages += pump(framer, framer.feed(chunk))
         assert len(framer.partial) <= limit + 1
+    return messages
+
+
+def pump(framer: Framer, messages: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``messages`` and the ones the framer still holds complete, as the endpoint asks."""
+    while framer.unparsed:
+        messages += framer.feed(b"")
     return messages
 
 
@@ -271,7 +249,7 @@ def feed_and_pump(framer: Framer, chunks: list[bytes], limit: int) -> list[tuple
     cuts=st.lists(st.integers(0, 400), max_size=10),
     batch=st.sampled_from([1, 2, 3, 1024]),
 )
-def test_any_chunking_gives_the_same_messages_and_the_same_overflow(
+def test_any_chunking_gives_the_same_messages_and_overflow_and_eof_drops_the_partial(
     framer_class: type[LineFramer],
     body: list[tuple[bytes, bytes]],
     tail: bytes,
@@ -287,6 +265,162 @@ def test_any_chunking_gives_the_same_messages_and_the_same_overflow(
         got = feed_and_pump(framer, chunks, SMALL_LIMIT)
     assert got == expected
     assert framer.overflow == overflows
+    # A trailing unfinished line is held, not delivered, and never asks for a timer ...
+    assert bytes(framer.partial) == (b"" if overflows else stream.rpartition(b"\n")[2])
+    assert framer.wake_after is None
+    # ... and the end of input drops it: the peer never finished it.
+    assert framer.eof() == []
+    assert not framer.partial
+    assert feed_all(framer, [b"\n"]) == ([] if overflows else [(b"", b"\n")])
+
+
+# -- property: auto framing against a model of its rules -------------------------------------
+
+
+class AutoModel:
+    """``auto`` framing as :class:`AutoFramer`'s docstring states it, over a whole stream.
+
+    Undecided bytes are held until a newline makes a line connection (framed from then
+    on as ``line`` framing frames, the held bytes starting its first line), or a read
+    shorter than ``SEGMENT_FLOOR``, a timeout or the end makes them one bare message
+    (a bare connection from then on: each read one message, a trailing line ending taken
+    off, a read over the limit cut into pieces of the limit, the line ending kept for the
+    last). Held bytes are bounded as an unfinished line is, and bytes made bare are cut
+    into pieces of the limit too.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.state = "undecided"
+        self.held = b""
+        self.line_stream = b""
+        self.bare: list[tuple[bytes, bytes]] = []
+        self.held_overflow = False
+        self.ended = False
+
+    def feed(self, data: bytes) -> None:
+        if self.state == "lines":
+            self.line_stream += data
+        elif self.state == "bare":
+            if len(data) <= self.limit:
+                self.bare.append(split_terminator(data))
+            else:
+                self.bare += self._pieces(*split_terminator(data))
+        elif b"\n" in data:
+            self.state, self.line_stream, self.held = "lines", self.held + data, b""
+        else:
+            self.held += data
+            if over_limit(self.held, self.limit):
+                self.held_overflow, self.held = True, b""
+            elif len(data) < SEGMENT:  # where the sender's write ended
+                self._bare()
+            # else: perhaps one segment of a longer write: wait for more, or the timeout
+
+    def timeout(self) -> None:
+        if self.state == "undecided" and self.held:
+            self._bare()
+
+    def eof(self) -> None:
+        self.timeout()
+        self.ended = True
+
+    def _bare(self) -> None:
+        # The held bytes may be limit + 1 long here (a "\r" that could have begun a
+        # "\r\n"): as a bare message they are cut to the limit.
+        self.bare += self._pieces(self.held, b"")
+        self.state, self.held = "bare", b""
+
+    def _pieces(self, payload: bytes, ending: bytes) -> list[tuple[bytes, bytes]]:
+        cut = range(0, len(payload), self.limit)
+        pieces = [(payload[i : i + self.limit], b"") for i in cut] or [(b"", b"")]
+        pieces[-1] = (pieces[-1][0], ending)
+        return pieces
+
+    @property
+    def messages(self) -> list[tuple[bytes, bytes]]:
+        if self.state == "lines":
+            return expected_under_limit(self.line_stream, self.limit)[0]
+        return self.bare
+
+    @property
+    def overflow(self) -> bool:
+        if self.state == "lines":
+            return expected_under_limit(self.line_stream, self.limit)[1]
+        return self.held_overflow
+
+    @property
+    def partial(self) -> bytes:
+        if self.state == "lines" and not self.overflow and not self.ended:
+            return self.line_stream.rpartition(b"\n")[2]
+        return self.held
+
+    @property
+    def waiting(self) -> bool:
+        """Undecided bytes are held: the framer wants a timeout."""
+        return bool(self.held)
+
+
+# Reads of every kind: short ones (lines, pieces of lines, bare words, "\r" and "\r\n"
+# endings), and ones around SEGMENT_FLOOR, which may be one segment of a longer write.
+short_read = st.lists(
+    st.sampled_from([b"a", b"\r", b"\n", b"\r\n", b"\x00"]), min_size=1, max_size=24
+).map(b"".join)
+segment_read = st.builds(
+    lambda size, end: b"a" * size + end,
+    st.sampled_from([SEGMENT - 1, SEGMENT, SEGMENT + 1, SEGMENT + 7, SEGMENT + 8]),
+    st.sampled_from([b"", b"\r", b"\n", b"\r\n"]),
+)
+auto_events = st.lists(
+    st.one_of(segment_read, short_read, st.just("timeout")), min_size=1, max_size=8
+)
+
+
+# A small limit, and one just above SEGMENT_FLOOR: only then can undecided bytes be held
+# for a timeout, and reach the limit while held.
+@pytest.mark.parametrize("limit", [SMALL_LIMIT, SEGMENT + 8])
+@given(events=auto_events, batch=st.sampled_from([1, 2, 1024]))
+def test_auto_framing_follows_its_rules_through_reads_timeouts_and_the_end(
+    limit: int, events: list[bytes | str], batch: int
+) -> None:
+    framer, model = AutoFramer(limit, DELAY), AutoModel(limit)
+    got: list[tuple[bytes, bytes]] = []
+    with unittest.mock.patch.object(framing, "MAX_BATCH", batch):
+        for event in [*events, "eof"]:
+            if framer.overflow:
+                break  # the endpoint closes here and gives the framer nothing more
+            if event == "timeout":
+                got += framer.timeout()
+                model.timeout()
+            elif event == "eof":
+                got += framer.eof()
+                model.eof()
+            else:
+                assert isinstance(event, bytes)
+                got += pump(framer, framer.feed(event))
+                model.feed(event)
+            assert got == model.messages, event
+            assert framer.overflow == model.overflow
+            assert bytes(framer.partial) == model.partial
+            assert framer.wake_after == (DELAY if model.waiting else None)
+
+
+def test_auto_after_an_overflow_frames_nothing_more() -> None:
+    framer = AutoFramer(SMALL_LIMIT, DELAY)
+    assert framer.feed(b"x" * (SMALL_LIMIT + 2)) == []
+    assert framer.overflow
+    assert framer.feed(b"more") == []
+    assert framer.feed(b"more\n") == []
+
+
+@pytest.mark.parametrize("ending", ["short read", "timeout", "eof"])
+def test_auto_no_bare_message_is_longer_than_the_limit(ending: str) -> None:
+    # max_line_bytes is the "longest message in line and auto framing"; on a connection
+    # already bare, the same bytes are cut into pieces of the limit.
+    limit = SMALL_LIMIT if ending == "short read" else SEGMENT + 8
+    framer = AutoFramer(limit, DELAY)
+    messages = framer.feed(b"x" * limit + b"\r")
+    messages += framer.timeout() if ending == "timeout" else framer.eof()
+    assert all(len(payload) <= limit for payload, _ in messages), messages
 
 
 def test_a_read_of_many_lines_comes_out_in_batches() -> None:

@@ -1,13 +1,23 @@
-"""Handlers, driven in memory: the built-ins, name resolution, and the testing helper."""
+"""Handlers: the built-ins, name resolution and the testing helper, driven in memory; and
+how the server makes handlers (one per TCP connection, one per UDP listener), over real
+loopback sockets on both loops."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+from conftest import Client, udp_client, wait_until
 
-from netframe import EchoHandler, GreetingHandler, Handler, HandlerError, resolve_handler
-from netframe.testing import MemoryConnection
+from netframe import (
+    Connection,
+    EchoHandler,
+    GreetingHandler,
+    Handler,
+    HandlerError,
+    resolve_handler,
+)
+from netframe.testing import MemoryConnection, serving
 
 
 def test_greeting_follows_the_seeds() -> None:
@@ -30,19 +40,47 @@ def test_echo_is_byte_exact_even_for_undecodable_bytes() -> None:
     assert conn.receive(b"\xff\x00abc") == [b"\xff\x00abc"]
 
 
-def test_handler_instances_hold_per_connection_state() -> None:
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("loop_checked")
+async def test_each_tcp_connection_gets_its_own_handler_and_a_udp_listener_one() -> None:
+    made: list[Handler] = []
+
     class Counter(Handler):
+        """Answers each message with how many messages this instance has seen."""
+
         def __init__(self) -> None:
             self.seen = 0
+            made.append(self)
 
-        def on_message(self, conn: object, message: str) -> None:
+        def on_message(self, conn: Connection, message: str) -> None:
             self.seen += 1
-            conn.send(str(self.seen))  # type: ignore[attr-defined]
+            conn.send(f"{message} {self.seen}")
 
-    first, second = MemoryConnection(Counter), MemoryConnection(Counter)
-    first.receive("a")
-    assert first.receive("b") == [b"2"]
-    assert second.receive("a") == [b"1"]
+    async with serving(handler=Counter, framing="line") as server:
+        assert len(made) == 1  # the UDP listener's, made when it was bound
+        async with Client.connect(server) as first, Client.connect(server) as second:
+            # Interleaved on two open connections: neither count leaks into the other.
+            await first.send(b"a\n")
+            await first.expect(b"a 1\n")
+            await second.send(b"a\n")
+            await second.expect(b"a 1\n")
+            await first.send(b"b\n")
+            await first.expect(b"b 2\n")
+            await second.send(b"b\n")
+            await second.expect(b"b 2\n")
+            await first.send(b"c\n")
+            await first.expect(b"c 3\n")
+        async with Client.connect(server) as third:  # a new connection starts afresh
+            await third.send(b"a\n")
+            await third.expect(b"a 1\n")
+        await wait_until(lambda: len(made) == 4, "a handler made for each of three connections")
+        assert len({id(handler) for handler in made}) == 4
+        # UDP: one handler for the whole listener, whoever sends.
+        async with await udp_client(server) as one, await udp_client(server) as two:
+            assert await one.request(b"x") == b"x 1"
+            assert await two.request(b"y") == b"y 2"
+            assert await one.request(b"z") == b"z 3"
+        assert len(made) == 4
 
 
 @pytest.mark.asyncio

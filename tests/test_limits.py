@@ -94,3 +94,14 @@ def test_a_full_table_forgets_refilled_sources_before_sharing_the_overflow_bucke
         assert limiter.allow(source, 0.0)
     assert limiter.allow("real", 0.5)  # the forged one-offs have refilled: pruned
     assert limiter.allow("real2", 0.5)
+
+
+def test_a_final_flush_gives_every_waiting_count_whatever_the_interval() -> None:
+    summary = EventSummary(1.0)
+    assert summary.add("rate_limited", 10.0) == 1  # the first is logged at once
+    assert summary.add("rate_limited", 10.1, 4) is None
+    assert summary.add("too_large", 10.2) == 1
+    assert summary.add("too_large", 10.3) is None
+    assert list(summary.flush(10.4)) == []  # within the interval: not yet
+    assert sorted(summary.flush(10.4, final=True)) == [("rate_limited", 4), ("too_large", 1)]
+    assert list(summary.flush(20.0, final=True)) == []  # nothing is given twice
