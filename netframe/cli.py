@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"messages to send (default: {' '.join(DEFAULT_NAMES)}; none with -i)",
     )
-    client.add_argument("--udp", action="store_true", help="use UDP instead of TCP")
+    client.add_argument("--udp", action="store_true", help="use UDP instead of TCP (default: off)")
     client.add_argument(
         "-i",
         "--interactive",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import queue
 import select
@@ -480,3 +481,18 @@ def test_interactive_client_reads_a_file_and_ends_quietly_when_its_reader_does(
         proc.wait(15)
     with proc.stderr:
         assert (code, proc.stderr.read()) == (1, b"")
+
+
+@pytest.mark.parametrize("command", ["serve", "client", "bench"])
+def test_every_flag_says_what_it_does_and_its_default(command: str) -> None:
+    from netframe.cli import build_parser
+
+    parser = build_parser()
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    sub = commands.choices[command]
+    flags = [a for a in sub._actions if a.option_strings and a.dest != "help"]
+    assert flags
+    for action in flags:
+        text = action.help or ""
+        assert len(text) > 10, action.option_strings
+        assert "(default: " in text or "required" in text, (action.option_strings, text)

@@ -34,18 +34,29 @@ def add_bench_parser(commands: Any, address: Any, positive_int: Any, positive_fl
         "(--spawn-args gives that server's extra `serve` flags as one string).",
     )
     where = bench.add_mutually_exclusive_group(required=True)
-    where.add_argument("--target", type=address, metavar="HOST:PORT")
-    where.add_argument("--spawn", action="store_true", help="start a netframe server to test")
+    where.add_argument(
+        "--target",
+        type=address,
+        metavar="HOST:PORT",
+        help="the running server to test (this or --spawn is required)",
+    )
+    where.add_argument(
+        "--spawn",
+        action="store_true",
+        help="start a netframe server to test, on a free port of 127.0.0.1 (default: off)",
+    )
     bench.add_argument(
         "--spawn-args",
         default="",
         metavar="'FLAGS'",
-        help="extra `netframe serve` flags for --spawn, as one string (e.g. '--loop asyncio')",
+        help="extra `netframe serve` flags for --spawn, as one string, e.g. '--loop asyncio' "
+        "(default: none)",
     )
     bench.add_argument(
         "--server-pid",
         type=positive_int,
-        help="the target server's process id, to read its CPU and memory",
+        help="the target server's process id, to read its CPU and memory (default: none, "
+        "no server figures; --spawn knows its own)",
     )
     bench.add_argument(
         "--scenario",
@@ -101,7 +112,7 @@ def add_bench_parser(commands: Any, address: Any, positive_int: Any, positive_fl
         "--rate",
         type=positive_float,
         help="open loop: requests per second in total, latency measured from "
-        "the intended send time",
+        "the intended send time (default: none, a closed loop)",
     )
     bench.add_argument(
         "--udp-timeout",
@@ -110,11 +121,25 @@ def add_bench_parser(commands: Any, address: Any, positive_int: Any, positive_fl
         dest="udp_timeout_s",
         help="seconds before a datagram counts as lost (default: %(default)s)",
     )
-    bench.add_argument("--client-cpus", type=_cpus, help="pin load processes to these CPUs")
-    bench.add_argument("--server-cpus", type=_cpus, help="pin a spawned server to these CPUs")
-    bench.add_argument("--json", type=Path, dest="json_path", help="write every figure here")
-    bench.add_argument("--plot", type=Path, dest="plot_path", help="draw the results (PNG)")
-    bench.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    bench.add_argument(
+        "--client-cpus",
+        type=_cpus,
+        help="pin load processes to these CPUs, e.g. 1 or 1,2 (default: not pinned)",
+    )
+    bench.add_argument(
+        "--server-cpus",
+        type=_cpus,
+        help="pin a spawned server to these CPUs (default: not pinned)",
+    )
+    bench.add_argument(
+        "--json", type=Path, dest="json_path", help="write every figure here (default: none)"
+    )
+    bench.add_argument(
+        "--plot", type=Path, dest="plot_path", help="draw the results as a PNG (default: none)"
+    )
+    bench.add_argument(
+        "--no-progress", action="store_true", help="no live progress bar (default: off)"
+    )
     bench.set_defaults(func=_bench)
 
 
