@@ -18,10 +18,14 @@ configured format.
 from __future__ import annotations
 
 import collections
+import datetime
+import json
 import logging
+import math
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Final, TextIO, cast
 
 import structlog
@@ -29,13 +33,23 @@ from structlog.typing import FilteringBoundLogger
 
 from netframe.config import LogFormat
 
-__all__ = ["LineWriter", "configure_logging", "flush_logs", "get_logger", "lifecycle_logger"]
+__all__ = [
+    "LineWriter",
+    "configure_logging",
+    "flush_logs",
+    "get_logger",
+    "info_emitter",
+    "lifecycle_logger",
+]
 
 #: Lines waiting for the writer thread before new ones are dropped: about 2-3 MiB of text,
 #: some seconds of a busy server's output, so a reader that pauses briefly loses nothing.
 MAX_QUEUED_LINES: Final = 10_000
 #: Lines joined into one write.
 _BATCH_LINES: Final = 512
+#: How long the writer lets lines gather after the first wakes it: log lines reach the
+#: stream up to this late, and a busy server writes them 512 at a time, not one by one.
+_GATHER_S: Final = 0.005
 #: Stdlib records of one kind (the same message template) logged at most this often.
 STDLIB_LOG_INTERVAL_S: Final = 1.0
 
@@ -71,6 +85,87 @@ def lifecycle_logger() -> FilteringBoundLogger:
     )
 
 
+#: Renders one event and queues its line: ``emit(event, fields)``, at level info.
+Emit = Callable[[str, dict[str, Any]], None]
+
+
+def info_emitter() -> Emit | None:
+    """A cheap way to log netframe's own frequent ``info`` events (a connection opened or
+    closed), or ``None`` where the ordinary logger must be used.
+
+    While the structlog configuration in force is the one :func:`configure_logging`
+    made, an event is rendered straight into the line writer, exactly as that
+    configuration's renderer would render it, without the processor chain: a quarter of
+    the cost. Under any other configuration (an application's own, a test's
+    ``capture_logs``), or with info events off, it is ``None``.
+    """
+    renderer = _fast_renderer
+    if renderer is None or _writer is None or _level is None or _level > logging.INFO:
+        return None
+    # capture_logs() and others change the processors list in place: compare its items.
+    if tuple(structlog.get_config()["processors"]) != _processors:
+        return None
+    queue = _writer.msg
+
+    def emit(event: str, fields: dict[str, Any]) -> None:
+        queue(renderer(event, fields))
+
+    return emit
+
+
+def _render_json(event: str, fields: dict[str, Any]) -> str:
+    """As structlog's ``JSONRenderer`` after ``add_log_level`` and ``TimeStamper``:
+    the fields in order, then ``event``, ``level`` and ``timestamp``."""
+    quote = _json_string
+    parts = []
+    for key, value in fields.items():
+        kind = type(value)
+        if kind is str:
+            text = quote(value)
+        elif kind is int:
+            text = int.__repr__(value)
+        elif kind is float and math.isfinite(value):
+            text = float.__repr__(value)
+        else:  # what json.dumps would write (bool, None, an enum, ...)
+            text = json.dumps(value, default=repr)
+        parts.append(f"{quote(key)}: {text}")
+    parts.append(f'"event": {quote(event)}, "level": "info", "timestamp": "{_now()}"')
+    return "{" + ", ".join(parts) + "}"
+
+
+def _render_console(event: str, fields: dict[str, Any]) -> str:
+    """As structlog's ``ConsoleRenderer(colors=False)``: the fields sorted by name."""
+    line = f"{_now()} [info     ] {event}"
+    if not fields:
+        return line
+    pairs = " ".join(
+        f"{key}={value if isinstance(value, str) and _QUOTED.isdisjoint(value) else repr(value)}"
+        for key, value in sorted(fields.items())
+    )
+    return f"{line:<{len(line) - len(event) + 30}} {pairs}"
+
+
+#: Characters that make the console renderer quote a string value (as structlog does).
+_QUOTED: Final = frozenset(" \t=\r\n\"'")
+#: JSON's string quoting with non-ASCII escaped, as ``json.dumps`` does by default (C).
+_json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
+_second = -1
+_second_text = ""
+
+
+def _now() -> str:
+    """The time as ``TimeStamper(fmt="iso", utc=True)`` writes it, the date and time to the
+    second made once a second."""
+    global _second, _second_text
+    now = time.time()
+    second = int(now)
+    if second != _second:
+        _second = second
+        moment = datetime.datetime.fromtimestamp(second, datetime.UTC)
+        _second_text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_second_text}.{int((now - second) * 1_000_000):06d}Z"
+
+
 class LineWriter:
     """A structlog logger that queues rendered lines for a writer thread.
 
@@ -86,8 +181,13 @@ class LineWriter:
         self._max_lines = max_lines
         self._lines: collections.deque[str] = collections.deque()
         self._wake = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
+        # Set by the loop when it wakes the writer, cleared by the writer before it
+        # drains: one wake-up (a futex call, a thread switch) per burst, not per line.
+        self._wake_pending = False
+        # Lines queued (loop side) and lines written or dropped (writer side), each
+        # counted on one thread only; flush() waits for them to meet.
+        self._queued = 0
+        self._done = 0
         self._stopped = False
         # Counted on two threads, so in two counters: each is written by one thread only.
         self._dropped_full = 0  # event-loop side: the queue was full
@@ -110,9 +210,10 @@ class LineWriter:
         if len(self._lines) >= self._max_lines and not self._reporting:
             self._dropped_full += 1
             return
-        self._idle.clear()
+        self._queued += 1
         self._lines.append(message)
-        if not self._wake.is_set():
+        if not self._wake_pending:
+            self._wake_pending = True
             self._wake.set()
 
     log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
@@ -121,15 +222,10 @@ class LineWriter:
     def flush(self, timeout_s: float = 2.0) -> bool:
         """Wait up to ``timeout_s`` for queued lines to be written; True when they were."""
         deadline = time.monotonic() + timeout_s
-        while not (self._idle.is_set() and not self._lines):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        while self._done < self._queued:
+            if time.monotonic() >= deadline:
                 return False
-            # The writer may mark itself idle in the instant a line is queued: check the
-            # queue too, and poll briefly rather than trust the event alone.
-            self._idle.wait(min(remaining, 0.01))
-            if self._idle.is_set() and self._lines:
-                time.sleep(0.001)
+            time.sleep(0.002)
         return True
 
     def stop(self, timeout_s: float = 2.0) -> None:
@@ -142,7 +238,11 @@ class LineWriter:
         lines = self._lines
         while not self._stopped:
             self._wake.wait()
+            # Let the burst that woke us gather: one write for many lines, and the
+            # event loop keeps the GIL meanwhile.
+            time.sleep(_GATHER_S)
             self._wake.clear()
+            self._wake_pending = False
             while lines:
                 count = min(len(lines), _BATCH_LINES)
                 batch = [lines.popleft() for _ in range(count)]
@@ -151,7 +251,9 @@ class LineWriter:
                     self._stream.flush()
                 except (OSError, ValueError):  # a closed pipe or file: drop, keep going
                     self._dropped_failed += count
+                    self._done += count
                     continue
+                self._done += count
                 dropped = self.dropped - self._reported
                 if dropped and self.on_recovered is not None:
                     self._reported += dropped
@@ -160,8 +262,6 @@ class LineWriter:
                         self.on_recovered(dropped)
                     finally:
                         self._reporting = False
-            if not lines:
-                self._idle.set()
 
 
 class _StdlibToStructlog(logging.Handler):
@@ -190,6 +290,10 @@ class _StdlibToStructlog(logging.Handler):
 
 
 _writer: LineWriter | None = None
+# The processors configure_logging installed (to know they are still in force), and the
+# matching fast renderer for info_emitter().
+_processors: tuple[Any, ...] = ()
+_fast_renderer: Callable[[str, dict[str, Any]], str] | None = None
 # The level configure_logging set; None: the application configured structlog itself.
 _level: int | None = None
 _stdlib_handler = _StdlibToStructlog()
@@ -205,7 +309,7 @@ def configure_logging(
     :class:`LineWriter`); :func:`flush_logs` waits for them. Python's ``asyncio`` logger
     is routed through the same format.
     """
-    global _writer, _level
+    global _writer, _level, _processors, _fast_renderer
     _level = logging.getLevelNamesMapping()[level.upper()]
     processors: list[Any] = [
         structlog.processors.add_log_level,
@@ -226,6 +330,8 @@ def configure_logging(
                 colors=False, exception_formatter=structlog.dev.plain_traceback
             )
         )
+    _fast_renderer = _render_json if log_format == "json" else _render_console
+    _processors = tuple(processors)
     if _writer is not None:
         _writer.stop()
     writer = _writer = LineWriter(stream or sys.stderr)

@@ -204,7 +204,7 @@ class TcpEndpoint(asyncio.Protocol):
             self._check_at = when = ctx.now + ctx.config.idle_timeout_s + TICK_S
             ctx.wheel.schedule(self, when)
         if ctx.info:
-            self.log.info("connection_opened")
+            self._info("connection_opened")
         self._batch = []
         try:
             # The user's factory runs here, not in the listener's protocol factory: an
@@ -314,7 +314,7 @@ class TcpEndpoint(asyncio.Protocol):
                     self._background(result, "on_disconnect")
         if not ctx.info:
             return
-        self.log.info(
+        self._info(
             "connection_closed",
             reason=self.close_reason.value,
             duration_s=round(time.monotonic() - self._started, 6),
@@ -373,6 +373,17 @@ class TcpEndpoint(asyncio.Protocol):
                 transport="tcp", peer=format_peer(self.peer), conn=self.id
             )
         return self._log
+
+    def _info(self, event: str, **fields: Any) -> None:
+        """Log one of this connection's info events, the cheap way when there is one."""
+        emit = self._ctx.emit
+        if emit is None:
+            self.log.info(event, **fields)
+        else:
+            emit(
+                event,
+                {"transport": "tcp", "peer": format_peer(self.peer), "conn": self.id, **fields},
+            )
 
     def send(self, message: str | bytes) -> None:
         if self._closing:
