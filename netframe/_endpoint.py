@@ -13,7 +13,7 @@ from netframe.config import Config
 from netframe.framing import Framer, make_framer
 from netframe.handlers import Handler, InetAddress, PeerAddress
 from netframe.limits import DeadlineWheel, EventSummary
-from netframe.logs import Emit, info_emitter
+from netframe.logs import ConnectionLog, connection_log
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -94,7 +94,7 @@ class EndpointContext:
     # Whether per-connection info events (opened, closed) are logged at all, and the
     # cheap way to log them when netframe's own logging set-up is in force.
     info: bool = dataclasses.field(init=False)
-    emit: Emit | None = dataclasses.field(init=False)
+    connection_log: ConnectionLog | None = dataclasses.field(init=False)
     undecodable_reply: bytes = dataclasses.field(init=False)
     next_id: Callable[[], int] = dataclasses.field(init=False)
     line_limit_reply: bytes = dataclasses.field(init=False)
@@ -118,7 +118,7 @@ class EndpointContext:
         enabled = getattr(self.log, "is_enabled_for", lambda level: True)
         self.debug = floor <= logging.DEBUG and bool(enabled(logging.DEBUG))
         self.info = floor <= logging.INFO and bool(enabled(logging.INFO))
-        self.emit = info_emitter() if self.info else None
+        self.connection_log = connection_log() if self.info else None
         self.undecodable_reply = error_reply(f"message is not valid {config.encoding}")
         self.line_limit_reply = error_reply(f"line exceeds {config.max_line_bytes} bytes")
         self.next_id = _connection_ids.__next__

@@ -21,7 +21,6 @@ import collections
 import datetime
 import json
 import logging
-import math
 import sys
 import threading
 import time
@@ -34,11 +33,12 @@ from structlog.typing import FilteringBoundLogger
 from netframe.config import LogFormat
 
 __all__ = [
+    "ConnectionLog",
     "LineWriter",
     "configure_logging",
+    "connection_log",
     "flush_logs",
     "get_logger",
-    "info_emitter",
     "lifecycle_logger",
 ]
 
@@ -85,64 +85,84 @@ def lifecycle_logger() -> FilteringBoundLogger:
     )
 
 
-#: Renders one event and queues its line: ``emit(event, fields)``, at level info.
-Emit = Callable[[str, dict[str, Any]], None]
-
-
-def info_emitter() -> Emit | None:
-    """A cheap way to log netframe's own frequent ``info`` events (a connection opened or
-    closed), or ``None`` where the ordinary logger must be used.
+def connection_log() -> ConnectionLog | None:
+    """The cheap way to log the per-connection ``info`` events, or ``None`` where the
+    ordinary logger must be used.
 
     While the structlog configuration in force is the one :func:`configure_logging`
-    made, an event is rendered straight into the line writer, exactly as that
-    configuration's renderer would render it, without the processor chain: a quarter of
-    the cost. Under any other configuration (an application's own, a test's
-    ``capture_logs``), or with info events off, it is ``None``.
+    made, a :class:`ConnectionLog` writes the lines straight into the line writer, exactly
+    as that configuration's renderer would. Under any other configuration (an
+    application's own, a test's ``capture_logs``), or with info events off, ``None``.
     """
-    renderer = _fast_renderer
-    if renderer is None or _writer is None or _level is None or _level > logging.INFO:
+    if _writer is None or _level is None or _level > logging.INFO:
         return None
     # capture_logs() and others change the processors list in place: compare its items.
     if tuple(structlog.get_config()["processors"]) != _processors:
         return None
-    queue = _writer.msg
-
-    def emit(event: str, fields: dict[str, Any]) -> None:
-        queue(renderer(event, fields))
-
-    return emit
+    return ConnectionLog(_writer.msg, json=_json_format)
 
 
-def _render_json(event: str, fields: dict[str, Any]) -> str:
-    """As structlog's ``JSONRenderer`` after ``add_log_level`` and ``TimeStamper``:
-    the fields in order, then ``event``, ``level`` and ``timestamp``."""
-    quote = _json_string
-    parts = []
-    for key, value in fields.items():
-        kind = type(value)
-        if kind is str:
-            text = quote(value)
-        elif kind is int:
-            text = int.__repr__(value)
-        elif kind is float and math.isfinite(value):
-            text = float.__repr__(value)
-        else:  # what json.dumps would write (bool, None, an enum, ...)
-            text = json.dumps(value, default=repr)
-        parts.append(f"{quote(key)}: {text}")
-    parts.append(f'"event": {quote(event)}, "level": "info", "timestamp": "{_now()}"')
-    return "{" + ", ".join(parts) + "}"
+class ConnectionLog:
+    """``connection_opened`` and ``connection_closed``, each made by one f-string.
+
+    A busy server opens and closes thousands of connections a second and, at the default
+    level, logs both. Through structlog's processor chain a line costs some 10 µs; made
+    here it costs under 1 µs, and a test holds both forms equal to structlog's JSON and
+    console renderers' (fields in the order structlog writes them: the bound context,
+    the event's own fields, then ``event``, ``level`` and ``timestamp``; sorted by name
+    on the console).
+    """
+
+    __slots__ = ("_json", "_queue")
+
+    def __init__(self, queue: Callable[[str], None], *, json: bool) -> None:
+        self._queue = queue
+        self._json = json
+
+    def opened(self, transport: str, peer: str, conn: int) -> None:
+        if self._json:
+            self._queue(
+                f'{{"transport": "{transport}", "peer": {_json_string(peer)}, "conn": {conn}, '
+                f'"event": "connection_opened", "level": "info", "timestamp": "{_now()}"}}'
+            )
+        else:
+            self._queue(
+                f"{_now()} [info     ] connection_opened              conn={conn} "
+                f"peer={_console_string(peer)} transport={transport}"
+            )
+
+    def closed(
+        self,
+        transport: str,
+        peer: str,
+        conn: int,
+        reason: str,
+        duration_s: float,
+        bytes_in: int,
+        bytes_out: int,
+        messages_in: int,
+        messages_out: int,
+    ) -> None:
+        if self._json:
+            self._queue(
+                f'{{"transport": "{transport}", "peer": {_json_string(peer)}, "conn": {conn}, '
+                f'"reason": "{reason}", "duration_s": {duration_s!r}, "bytes_in": {bytes_in}, '
+                f'"bytes_out": {bytes_out}, "messages_in": {messages_in}, '
+                f'"messages_out": {messages_out}, "event": "connection_closed", '
+                f'"level": "info", "timestamp": "{_now()}"}}'
+            )
+        else:
+            self._queue(
+                f"{_now()} [info     ] connection_closed              bytes_in={bytes_in} "
+                f"bytes_out={bytes_out} conn={conn} duration_s={duration_s!r} "
+                f"messages_in={messages_in} messages_out={messages_out} "
+                f"peer={_console_string(peer)} reason={reason} transport={transport}"
+            )
 
 
-def _render_console(event: str, fields: dict[str, Any]) -> str:
-    """As structlog's ``ConsoleRenderer(colors=False)``: the fields sorted by name."""
-    line = f"{_now()} [info     ] {event}"
-    if not fields:
-        return line
-    pairs = " ".join(
-        f"{key}={value if isinstance(value, str) and _QUOTED.isdisjoint(value) else repr(value)}"
-        for key, value in sorted(fields.items())
-    )
-    return f"{line:<{len(line) - len(event) + 30}} {pairs}"
+def _console_string(value: str) -> str:
+    """A string value as the console renderer writes it: quoted if it must be."""
+    return value if _QUOTED.isdisjoint(value) else repr(value)
 
 
 #: Characters that make the console renderer quote a string value (as structlog does).
@@ -290,10 +310,10 @@ class _StdlibToStructlog(logging.Handler):
 
 
 _writer: LineWriter | None = None
-# The processors configure_logging installed (to know they are still in force), and the
-# matching fast renderer for info_emitter().
+# The processors configure_logging installed (to know they are still in force), and
+# whether they render JSON, for connection_log().
 _processors: tuple[Any, ...] = ()
-_fast_renderer: Callable[[str, dict[str, Any]], str] | None = None
+_json_format = False
 # The level configure_logging set; None: the application configured structlog itself.
 _level: int | None = None
 _stdlib_handler = _StdlibToStructlog()
@@ -309,7 +329,7 @@ def configure_logging(
     :class:`LineWriter`); :func:`flush_logs` waits for them. Python's ``asyncio`` logger
     is routed through the same format.
     """
-    global _writer, _level, _processors, _fast_renderer
+    global _writer, _level, _processors, _json_format
     _level = logging.getLevelNamesMapping()[level.upper()]
     processors: list[Any] = [
         structlog.processors.add_log_level,
@@ -330,7 +350,7 @@ def configure_logging(
                 colors=False, exception_formatter=structlog.dev.plain_traceback
             )
         )
-    _fast_renderer = _render_json if log_format == "json" else _render_console
+    _json_format = log_format == "json"
     _processors = tuple(processors)
     if _writer is not None:
         _writer.stop()

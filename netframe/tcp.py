@@ -67,6 +67,10 @@ TOO_MANY_FROM_IP_REPLY: Final = error_reply("too many connections from your addr
 MESSAGE_TIMEOUT_REPLY: Final = error_reply("message timed out")
 
 
+#: The fields of ``connection_closed`` after the bound ones, in order.
+_CLOSED_FIELDS: Final = (
+    "reason", "duration_s", "bytes_in", "bytes_out", "messages_in", "messages_out"
+)  # fmt: skip
 #: SO_LINGER on, zero seconds: ``close()`` sends a reset and discards unsent bytes.
 _RESET_LINGER: Final = struct.pack("ii", 1, 0)
 #: ``_peer`` and ``_local`` before the transport has been asked.
@@ -204,7 +208,10 @@ class TcpEndpoint(asyncio.Protocol):
             self._check_at = when = ctx.now + ctx.config.idle_timeout_s + TICK_S
             ctx.wheel.schedule(self, when)
         if ctx.info:
-            self._info("connection_opened")
+            if (fast := ctx.connection_log) is not None:
+                fast.opened("tcp", format_peer(self.peer), self.id)
+            else:
+                self.log.info("connection_opened")
         self._batch = []
         try:
             # The user's factory runs here, not in the listener's protocol factory: an
@@ -314,15 +321,18 @@ class TcpEndpoint(asyncio.Protocol):
                     self._background(result, "on_disconnect")
         if not ctx.info:
             return
-        self._info(
-            "connection_closed",
-            reason=self.close_reason.value,
-            duration_s=round(time.monotonic() - self._started, 6),
-            bytes_in=self.bytes_in,
-            bytes_out=self.bytes_out,
-            messages_in=self.messages_in,
-            messages_out=self.messages_out,
+        fields = (
+            self.close_reason.value,
+            round(time.monotonic() - self._started, 6),
+            self.bytes_in,
+            self.bytes_out,
+            self.messages_in,
+            self.messages_out,
         )
+        if (fast := ctx.connection_log) is not None:
+            fast.closed("tcp", format_peer(self.peer), self.id, *fields)
+        else:
+            self.log.info("connection_closed", **dict(zip(_CLOSED_FIELDS, fields, strict=True)))
 
     def pause_writing(self) -> None:
         self._writes_paused = True
@@ -373,17 +383,6 @@ class TcpEndpoint(asyncio.Protocol):
                 transport="tcp", peer=format_peer(self.peer), conn=self.id
             )
         return self._log
-
-    def _info(self, event: str, **fields: Any) -> None:
-        """Log one of this connection's info events, the cheap way when there is one."""
-        emit = self._ctx.emit
-        if emit is None:
-            self.log.info(event, **fields)
-        else:
-            emit(
-                event,
-                {"transport": "tcp", "peer": format_peer(self.peer), "conn": self.id, **fields},
-            )
 
     def send(self, message: str | bytes) -> None:
         if self._closing:

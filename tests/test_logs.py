@@ -67,48 +67,62 @@ def test_a_closed_stream_drops_lines_without_raising() -> None:
         stream.close()
 
 
-FIELDS: list[dict[str, object]] = [
-    {},
-    {"transport": "tcp", "peer": "127.0.0.1:50312", "conn": 7},
-    {"transport": "tcp", "peer": "[fe80::1%eth0]:9", "conn": 1, "reason": "peer_closed",
-     "duration_s": 0.000123, "bytes_in": 0, "bytes_out": 10**12, "ratio": 12345.678901},
-    {"path": '/tmp/a "quoted" \\ säugling\n', "flag": True, "none": None, "tiny": 1e-07},
-]  # fmt: skip
+PEERS = ["127.0.0.1:50312", "[fe80::1%eth0]:9", '/tmp/a "quoted" \\ säugling\n', "unknown"]
+CLOSED = [
+    ("peer_closed", 0.000123, 0, 10, 0, 1),
+    ("handler_error", 12345.678901, 10**12, 7, 3, 2),
+    ("idle_timeout", 1e-07, 5, 5, 5, 5),
+]
+CLOSED_FIELDS = ("reason", "duration_s", "bytes_in", "bytes_out", "messages_in", "messages_out")
+STAMP = "2026-11-29T19:02:34.000123Z"
 
 
-@pytest.mark.parametrize("fields", FIELDS)
-@pytest.mark.parametrize("log_format", ["json", "console"])
-def test_the_fast_path_renders_as_structlog_does(
-    fields: dict[str, object], log_format: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(logs, "_now", lambda: "2026-11-29T19:02:34.000123Z")
-    event = {**fields, "event": "connection_closed", "level": "info"}
-    event["timestamp"] = "2026-11-29T19:02:34.000123Z"
+def structlog_line(log_format: str, event: str, fields: dict[str, object]) -> str:
+    """What netframe's structlog set-up writes for this event (a fixed timestamp)."""
+    event_dict = {**fields, "event": event, "level": "info", "timestamp": STAMP}
     if log_format == "json":
-        expected = structlog.processors.JSONRenderer()(None, "info", event)
-        got = logs._render_json("connection_closed", dict(fields))
-        assert json.loads(got) == json.loads(str(expected))
-    else:
-        expected = structlog.dev.ConsoleRenderer(colors=False)(None, "info", event)
-        got = logs._render_console("connection_closed", dict(fields))
-    assert got == expected
+        return str(structlog.processors.JSONRenderer()(None, "info", event_dict))
+    return str(structlog.dev.ConsoleRenderer(colors=False)(None, "info", event_dict))
+
+
+@pytest.mark.parametrize("peer", PEERS)
+@pytest.mark.parametrize("closed", CLOSED)
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_the_connection_lines_are_the_ones_structlog_writes(
+    log_format: str, peer: str, closed: tuple[str, float, int, int, int, int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(logs, "_now", lambda: STAMP)
+    lines: list[str] = []
+    fast = logs.ConnectionLog(lines.append, json=log_format == "json")
+    fast.opened("tcp", peer, 7)
+    fast.closed("tcp", peer, 7, *closed)
+    bound = {"transport": "tcp", "peer": peer, "conn": 7}
+    assert lines == [
+        structlog_line(log_format, "connection_opened", bound),
+        structlog_line(
+            log_format,
+            "connection_closed",
+            {**bound, **dict(zip(CLOSED_FIELDS, closed, strict=True))},
+        ),
+    ]
 
 
 def test_the_fast_path_is_taken_only_under_netframes_own_configuration() -> None:
     stream = io.StringIO()
     logs.configure_logging("json", "info", stream=stream)
     try:
-        emit = logs.info_emitter()
-        assert emit is not None
-        emit("connection_opened", {"conn": 1})
+        fast = logs.connection_log()
+        assert fast is not None
+        fast.opened("tcp", "127.0.0.1:5", 1)
         logs.flush_logs()
         line = json.loads(stream.getvalue())
         assert (line["event"], line["conn"], line["level"]) == ("connection_opened", 1, "info")
         assert line["timestamp"].endswith("Z")
         with capture_logs():
-            assert logs.info_emitter() is None  # a test's capture sees every event
+            assert logs.connection_log() is None  # a test's capture sees every event
         logs.configure_logging("json", "warning", stream=stream)
-        assert logs.info_emitter() is None  # info events are off
+        assert logs.connection_log() is None  # info events are off
     finally:
         logs.configure_logging("console", "info")  # the suite's own set-up
 
