@@ -74,6 +74,13 @@ async def drive(case: str, count: int) -> None:
         protocol.data_received(exit)
         protocol.connection_lost(None)
 
+    def tick(context: EndpointContext, every: int) -> None:
+        """What the server's tick does for new connections every 0.1 s."""
+        if len(context.arrivals) >= every:
+            for arrival in context.arrivals:
+                arrival.enter_wheel()
+            context.arrivals.clear()
+
     if case == "netframe-tcp":
         tcp = TcpEndpoint(ctx)
         tcp.connection_made(FakeTransport())
@@ -97,12 +104,14 @@ async def drive(case: str, count: int) -> None:
     elif case == "netframe-session":
         for _ in range(count):
             session(TcpEndpoint(ctx))
+            tick(ctx, 100)
     elif case == "raw-session":
         for _ in range(count):
             session(raw_protocol.GreetingProtocol())
     elif case == "netframe-bare":
         for _ in range(count):
             session(TcpEndpoint(auto), b"c1", b"exit")
+            tick(auto, 100)
     elif case == "raw-bare":
         for _ in range(count):
             session(raw_protocol.BareGreetingProtocol(), b"c1", b"exit")

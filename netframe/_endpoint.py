@@ -67,6 +67,9 @@ class EndpointContext:
     max_connections: int = 2**31
     # The coarse clock (loop time), advanced every TICK_S by the server.
     now: float = 0.0
+    # Connections opened since the last tick: their first deadline check enters the
+    # wheel at the tick, so a connection that closes before it never touches the wheel.
+    arrivals: list[TcpEndpoint] = dataclasses.field(default_factory=list)
     # Connections waiting for their next deadline check.
     wheel: DeadlineWheel[TcpEndpoint] = dataclasses.field(
         default_factory=lambda: DeadlineWheel(TICK_S)

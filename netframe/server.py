@@ -325,6 +325,10 @@ class Server:
         if ctx is None or loop is None:
             return
         ctx.now = now = loop.time()
+        if arrivals := ctx.arrivals:
+            ctx.arrivals = []
+            for arrival in arrivals:
+                arrival.enter_wheel()
         for conn in ctx.wheel.due(now):
             try:
                 conn.check_deadlines(now)

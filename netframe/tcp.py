@@ -205,8 +205,8 @@ class TcpEndpoint(asyncio.Protocol):
         )
         ctx.connections.add(self)
         if ctx.config.idle_timeout_s:
-            self._check_at = when = ctx.now + ctx.config.idle_timeout_s + TICK_S
-            ctx.wheel.schedule(self, when)
+            self._check_at = ctx.now + ctx.config.idle_timeout_s + TICK_S
+            ctx.arrivals.append(self)  # into the wheel at the next tick, if still open
         if ctx.info:
             if (fast := ctx.connection_log) is not None:
                 fast.opened("tcp", format_peer(self.peer), self.id)
@@ -476,6 +476,12 @@ class TcpEndpoint(asyncio.Protocol):
         up), the client cannot finish anything; the clock restarts when reading does.
         """
         return bool(self._message_started and self._framer.partial and not self._pause_reasons)
+
+    def enter_wheel(self) -> None:
+        """At the first tick after it opened: put the first deadline check in the wheel
+        (a check scheduled earlier since, by a message or a pause, is already there)."""
+        if self._registered and self._check_at != math.inf:
+            self._ctx.wheel.schedule(self, self._check_at)
 
     def check_deadlines(self, now: float) -> None:
         """Called by the server when this connection's check comes due."""
