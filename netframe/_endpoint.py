@@ -26,6 +26,8 @@ __all__ = ["TICK_S", "EndpointContext", "error_reply", "format_peer", "normalise
 #: fire up to about three ticks late (a stamp a tick old, a tick of slack, the slot),
 #: never early; the hot path reads the clock as an attribute.
 TICK_S: Final = 0.1
+#: The shared read buffer's size: asyncio's own largest read.
+READ_BUFFER_BYTES: Final = 256 * 1024
 #: Repeated warnings (refused connections, dropped datagrams) are summarised at most this
 #: often per kind, so a flood cannot become a flood of log lines.
 SUMMARY_INTERVAL_S: Final = 1.0
@@ -67,6 +69,10 @@ class EndpointContext:
     max_connections: int = 2**31
     # The coarse clock (loop time), advanced every TICK_S by the server.
     now: float = 0.0
+    # The read buffer every BufferedTcpEndpoint of the server reads into, in turn.
+    read_buffer: memoryview = dataclasses.field(
+        default_factory=lambda: memoryview(bytearray(READ_BUFFER_BYTES))
+    )
     # Connections opened since the last tick: their first deadline check enters the
     # wheel at the tick, so a connection that closes before it never touches the wheel.
     arrivals: list[TcpEndpoint] = dataclasses.field(default_factory=list)

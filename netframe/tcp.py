@@ -49,7 +49,7 @@ from netframe._endpoint import (
 from netframe.framing import LF, Message
 from netframe.handlers import CloseReason, Handler, InetAddress, PeerAddress, TlsInfo, UnixAddress
 
-__all__ = ["TcpEndpoint"]
+__all__ = ["BufferedTcpEndpoint", "TcpEndpoint"]
 
 _PAUSED_BY_WRITES: Final = 1
 _PAUSED_BY_QUEUE: Final = 2
@@ -795,3 +795,23 @@ class TcpEndpoint(asyncio.Protocol):
             self._transport.resume_reading()
             if self._message_started:  # the client could not send while we did not read
                 self._message_started = self._ctx.now
+
+
+class BufferedTcpEndpoint(TcpEndpoint, asyncio.BufferedProtocol):
+    """The same endpoint, reading through ``get_buffer``/``buffer_updated``.
+
+    Stock asyncio reads each chunk for a ``Protocol`` into a new 256 KiB ``bytes``, which
+    glibc maps and unmaps on every read (cpython#85451). Read into a buffer instead, the
+    chunk costs one copy of just its own length. All connections of a server share the
+    one buffer (``EndpointContext.read_buffer``): the loop calls ``get_buffer``, reads
+    and calls ``buffer_updated`` in one go, and the bytes are copied out before any
+    other connection reads.
+    """
+
+    __slots__ = ()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._ctx.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._ctx.read_buffer[:nbytes].tobytes())

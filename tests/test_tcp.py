@@ -548,3 +548,21 @@ async def test_length_framing_frames_the_greeting_replies_and_refusals() -> None
         error = b"Error: line exceeds 64 bytes"
         assert await read_until_closed(reader) == len(error).to_bytes(2, "big") + error
         writer.close()
+
+
+@pytest.mark.asyncio
+async def test_many_connections_reading_at_once_never_mix_their_bytes() -> None:
+    # On the standard loop every connection reads through one shared buffer.
+    async with serving(handler="echo", framing="raw", max_line_bytes=1 << 20, **TCP_ONLY) as server:
+
+        async def echo(index: int) -> bytes:
+            reader, writer = await connect(server)
+            payload = bytes([index]) * 300_000
+            writer.write(payload)
+            received = await asyncio.wait_for(reader.readexactly(len(payload)), 30)
+            writer.close()
+            return received
+
+        results = await asyncio.gather(*(echo(i) for i in range(1, 21)))
+    assert [set(result) for result in results] == [{i} for i in range(1, 21)]
+    assert {len(result) for result in results} == {300_000}
