@@ -578,3 +578,39 @@ def test_byte_counters_cover_the_same_window_as_ops(loop_name: str) -> None:
     # One request may be in flight at each edge of the window; the greeting comes once.
     assert result["bytes_out"] <= (ops + 2) * len(b"c0\n")
     assert result["bytes_in"] <= len(GREETING) + (ops + 2) * len(b"Hello, c0!\n")
+
+
+# -- a target's framing, read from its greeting ---------------------------------------------
+
+
+def test_a_default_server_is_benched_with_no_framing_flag(loop_name: str) -> None:
+    # netframe's default auto framing greets with a bare Welcome!: bare words, as the
+    # tutorial's clients send them.
+    with line_server(loop_name, framing="auto") as target:
+        for scenario in ("greeting", "sessions"):
+            result = bench(scenario=scenario, target=target)
+            assert_clean(result)
+            assert result["options"]["framing"] == "raw"
+    with line_server(loop_name, framing="line") as target:
+        result = bench(scenario="greeting", target=target)
+        assert_clean(result)
+        assert result["options"]["framing"] == "line"
+
+
+@pytest.mark.parametrize(
+    ("server_framing", "handler", "bench_framing", "text"),
+    [
+        ("auto", "echo", None, "sent no greeting within 3 s"),
+        ("line", "greeting", "raw", "greets with a line (b'Welcome!\\n'): it frames lines"),
+        ("auto", "greeting", "line", "greets with a bare b'Welcome!': leave --framing out"),
+    ],
+)
+def test_a_target_that_cannot_be_benched_as_asked_says_what_to_pass(
+    loop_name: str, server_framing: str, handler: str, bench_framing: str | None, text: str
+) -> None:
+    with (
+        line_server(loop_name, handler, server_framing) as target,
+        pytest.raises(BenchError) as caught,
+    ):
+        bench(scenario="greeting", target=target, framing=bench_framing)
+    assert text in str(caught.value)

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import psutil
@@ -132,14 +132,88 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict[s
     options.check()
     raise_open_file_limit(options.conns * 2 + 1024)
     if options.spawn_args is None:
-        assert options.target is not None
-        return _measure(options, options.target, options.server_pid, progress)
+        target = options.target
+        assert target is not None
+        if options.scenario in _GREETED:
+            options = _framing_for(options, target)
+        return _measure(options, target, options.server_pid, progress)
     port = free_port()
     argv = netframe_serve_argv(options, port)
     with spawned_server(argv, "127.0.0.1", port, options.server_cpus) as proc:
         result = _measure(options, Address("127.0.0.1", port), proc.pid, progress)
     result["server"]["command"] = argv[1:]
     return result
+
+
+#: The scenarios whose connections begin with the tutorial's greeting.
+_GREETED: Final = ("sessions", "greeting", "hold")
+#: How long the probe waits for a greeting, and for the rest of one once it has begun.
+_PROBE_S: Final = 3.0
+_PROBE_SETTLE_S: Final = 0.2
+
+
+def _framing_for(options: BenchOptions, target: Address) -> BenchOptions:
+    """``options`` with the framing the server's greeting shows, when none was given: a
+    line (``Welcome!\\n``) means a line server, a bare ``Welcome!`` (netframe's default
+    ``auto``, the tutorial's server) bare words, as the tutorial's clients send them.
+
+    Raises:
+        BenchError: nothing listens there, no greeting or another one comes, or the
+            framing asked for cannot work: each naming what to do.
+    """
+    greeting = probe_greeting(target)
+    if not greeting:
+        raise BenchError(
+            f"{target} sent no greeting within {_PROBE_S:g} s: the {options.scenario} "
+            "scenario speaks the tutorial's exchange (Welcome!, then Hello, NAME!); for an "
+            "echo server use --scenario echo"
+        )
+    if greeting not in (b"Welcome!", b"Welcome!\n"):
+        raise BenchError(
+            f"{target} greets with {greeting[:80]!r}, not the tutorial's Welcome!: the "
+            f"{options.scenario} scenario speaks only that exchange"
+        )
+    line = greeting.endswith(b"\n")
+    framing = options.framing or ("line" if line else "raw")
+    if line and framing != "line":
+        raise BenchError(
+            f"{target} greets with a line ({greeting!r}): it frames lines, so leave "
+            "--framing out or pass --framing line"
+        )
+    if not line and framing == "line":
+        # netframe's auto framing answers line clients with lines after a bare greeting;
+        # the load generator expects the greeting its framing implies.
+        raise BenchError(
+            f"{target} greets with a bare {greeting!r}: leave --framing out (bare words, as "
+            "the tutorial's clients send them) or pass --framing raw"
+        )
+    options = dataclasses.replace(options, framing=framing)
+    options.check()  # bare words allow no pipelining
+    return options
+
+
+def probe_greeting(target: Address) -> bytes:
+    """What the server at ``target`` sends first, read by one short connection (``b""``:
+    nothing within a few seconds).
+
+    Raises:
+        BenchError: the connection is refused or fails.
+    """
+    try:
+        with socket.create_connection((target.host, target.port), timeout=_PROBE_S) as sock:
+            received = b""
+            try:
+                while len(received) < 4096 and not received.endswith(b"\n"):
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    received += chunk
+                    sock.settimeout(_PROBE_SETTLE_S)  # a bare greeting has no end mark
+            except TimeoutError:
+                pass
+            return received
+    except OSError as exc:
+        raise BenchError(f"cannot connect to {target}: {exc.strerror or exc}") from None
 
 
 def _jobs(options: BenchOptions, target: Address) -> list[Job]:

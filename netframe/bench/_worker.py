@@ -169,7 +169,12 @@ async def _connect_streams(job: Job, tally: Tally) -> list[StreamLoad]:
             job.host,
             job.port,
         )
-        await asyncio.wait_for(protocol.ready, _SESSION_TIMEOUT_S)
+        try:
+            await asyncio.wait_for(protocol.ready, _SESSION_TIMEOUT_S)
+        except TimeoutError:
+            raise ConnectionError(
+                f"no greeting {greeting!r} within {_SESSION_TIMEOUT_S:g} s"
+            ) from None
         protocols.append(protocol)
 
     ids = range(job.first_conn_id, job.first_conn_id + job.conns)
@@ -179,7 +184,8 @@ async def _connect_streams(job: Job, tally: Tally) -> list[StreamLoad]:
         failures = [r for r in results if isinstance(r, BaseException)]
         tally.connect_errors += len(failures)
         if failures and not protocols:
-            raise ConnectionError(f"cannot connect to {job.host}:{job.port}: {failures[0]}")
+            reason = str(failures[0]) or type(failures[0]).__name__
+            raise ConnectionError(f"cannot connect to {job.host}:{job.port}: {reason}")
     return protocols
 
 
