@@ -35,6 +35,7 @@ from conftest import assert_one_line_error, run_netframe
 
 from netframe import GreetingHandler
 from netframe.bench import BenchError, BenchOptions, run_bench
+from netframe.bench._report import summary_rows
 from netframe.config import Address
 from netframe.handlers import Connection, Handler
 from netframe.logs import configure_logging
@@ -426,11 +427,24 @@ def test_hold_keeps_its_connections_and_reports_memory_per_connection(loop_name:
     assert result["errors"] == 0, result["first_error"]
     assert result["connect_errors"] == 0
     assert result["connections_ready"] == 200
-    assert result["ops"] == 0
+    # Nothing was measured but memory: no operations, throughput or latency are reported.
+    assert result["ops"] is result["ops_per_s"] is result["latency_us"] is None
     hold = result["hold"]
     assert hold["requested"] == 200
     assert hold["held"] == 200
     assert hold["bytes_per_conn"] > 0
+    assert "too few for a memory figure per connection" in hold["warning"]
+    rows = dict(summary_rows(result))
+    assert "throughput" not in rows
+    assert "latency p50" not in rows
+    assert rows["warning"] == hold["warning"]
+
+
+def test_hold_cannot_be_plotted(tmp_path: Path) -> None:
+    done = run_netframe(
+        "bench", "--spawn", "--scenario", "hold", "--plot", str(tmp_path / "hold.png")
+    )
+    assert_one_line_error(done, 2, "--plot draws throughput and latency, which hold does not")
 
 
 # -- 7: open loop --------------------------------------------------------------------------

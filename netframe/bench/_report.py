@@ -23,12 +23,10 @@ class MissingExtra(RuntimeError):
 
 def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     """The figures a person reads first, as (label, value) pairs."""
-    rows = [
-        ("scenario", result["scenario"]),
-        ("target", result["options"]["target"]),
-        ("operations", f"{result['ops']:,}"),
-        ("throughput", f"{result['ops_per_s']:,.0f} ops/s"),
-    ]
+    rows = [("scenario", result["scenario"]), ("target", result["options"]["target"])]
+    if result["ops"] is not None:  # hold measures no operations
+        rows.append(("operations", f"{result['ops']:,}"))
+        rows.append(("throughput", f"{result['ops_per_s']:,.0f} ops/s"))
     if "mib_per_s" in result:
         rows.append(("bandwidth", f"{result['mib_per_s']:,.1f} MiB/s each way"))
     if "loss_ratio" in result:
@@ -51,6 +49,8 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("connections held", f"{hold['held']:,} of {hold['requested']:,}"))
         if "bytes_per_conn" in hold:
             rows.append(("server memory/conn", f"{hold['bytes_per_conn']:,.0f} bytes"))
+        if "warning" in hold:
+            rows.append(("warning", hold["warning"]))
     workers = result["options"]["workers"]
     rows.append(("client cpu", f"{result['client_cpu_pct']:.0f}% of one core ({workers} procs)"))
     return rows

@@ -145,6 +145,9 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict[s
     return result
 
 
+#: Connections ``hold`` must keep for its memory per connection to mean anything: the
+#: server's resident size moves in steps of the allocator's arenas, tens to hundreds of KiB.
+HOLD_MEMORY_MIN_CONNS: Final = 1000
 #: The scenarios whose connections begin with the tutorial's greeting.
 _GREETED: Final = ("sessions", "greeting", "hold")
 #: How long the probe waits for a greeting, and for the rest of one once it has begun.
@@ -296,10 +299,19 @@ def _measure(
         figures["server"]["cpu_us_per_op"] = (cpu_end - cpu_start) / ops * 1e6
     if options.scenario == "hold":
         held = sum(r["held"] for r in results)
-        figures["hold"] = {"requested": options.conns, "held": held}
+        # Held connections do nothing: there is no throughput or latency to report.
+        figures.update(ops=None, ops_per_s=None, latency_us=None, timeline_ops_per_s=None)
+        figures["hold"] = hold = {"requested": options.conns, "held": held}
         if server is not None and held and rss_idle is not None and rss_end is not None:
             peak = max(rss_loaded or 0, rss_end)
-            figures["hold"]["bytes_per_conn"] = (peak - rss_idle) / held
+            hold["bytes_per_conn"] = (peak - rss_idle) / held
+            if held < HOLD_MEMORY_MIN_CONNS:
+                hold["warning"] = (
+                    f"{held:,} connections are too few for a memory figure per connection: "
+                    f"the allocator's steps are as large; hold {HOLD_MEMORY_MIN_CONNS:,} or more"
+                )
+        elif server is None:
+            hold["warning"] = "no memory figure without the server's pid (--server-pid)"
     figures["connections_ready"] = sum(ready)
     figures["options"] = _options_dict(options, target, len(jobs))
     figures["environment"] = environment()

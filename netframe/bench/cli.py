@@ -163,6 +163,8 @@ def _bench(args: argparse.Namespace) -> int:
     )
     try:
         options.check()
+        if args.plot_path and options.scenario == "hold":
+            raise BenchError("--plot draws throughput and latency, which hold does not measure")
     except BenchError as exc:
         print(f"netframe: error: {exc}", file=sys.stderr)
         return 2
