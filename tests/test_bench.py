@@ -628,3 +628,40 @@ def test_a_target_that_cannot_be_benched_as_asked_says_what_to_pass(
     ):
         bench(scenario="greeting", target=target, framing=bench_framing)
     assert text in str(caught.value)
+
+
+# -- Ctrl+C -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("during", ["window", "warmup"])
+def test_ctrl_c_ends_the_run_with_what_it_has_and_stops_everything(during: str) -> None:
+    warmup = "0.3" if during == "window" else "30"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "netframe", "bench", "--spawn", "--scenario", "greeting",
+         "--conns", "4", "--duration", "60", "--warmup", warmup, "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        # Wait until the spawned server and the load processes are all running.
+        deadline = time.monotonic() + HANG_GUARD_S
+        children: list[psutil.Process] = []
+        while len(children) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            children = psutil.Process(proc.pid).children(recursive=True)
+        time.sleep(2.0)  # well inside the window (or the warm-up)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=HANG_GUARD_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    if during == "window":
+        assert "interrupted: the figures below cover part of the window" in err
+        assert re.search(r"partial .*interrupted: [\d.]+ s of the 60 s window", out), out
+        assert re.search(r"operations +│ +[\d,]+", out), out
+    else:
+        assert err.strip() == "netframe: interrupted before there were figures to show"
+    psutil.wait_procs(children, timeout=10)
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]

@@ -24,6 +24,10 @@ class MissingExtra(RuntimeError):
 def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     """The figures a person reads first, as (label, value) pairs."""
     rows = [("scenario", result["scenario"]), ("target", result["options"]["target"])]
+    window_s = result.get("window_s") or result["options"]["duration_s"]
+    if result.get("partial"):
+        planned = result["options"]["duration_s"]
+        rows.append(("partial", f"interrupted: {window_s:.1f} s of the {planned:g} s window"))
     if result["ops"] is not None:  # hold measures no operations
         rows.append(("operations", f"{result['ops']:,}"))
         rows.append(("throughput", f"{result['ops_per_s']:,.0f} ops/s"))
@@ -43,7 +47,7 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     server = result["server"]
     if server.get("cpu_us_per_op") is not None:
         rows.append(("server cpu/op", f"{server['cpu_us_per_op']:.2f} us"))
-        rows.append(("server cpu", f"{server['cpu_s'] / result['options']['duration_s']:.0%}"))
+        rows.append(("server cpu", f"{server['cpu_s'] / window_s:.0%}"))
     hold = result.get("hold")
     if hold:
         rows.append(("connections held", f"{hold['held']:,} of {hold['requested']:,}"))

@@ -25,7 +25,7 @@ import psutil
 
 from netframe._version import __version__
 from netframe.bench._options import BenchError, BenchOptions, Progress
-from netframe.bench._worker import Job, raise_open_file_limit, worker_main
+from netframe.bench._worker import STOP_SIGNAL, Job, raise_open_file_limit, worker_main
 from netframe.config import Address
 from netframe.loops import resolve_loop_name
 
@@ -270,8 +270,20 @@ def _measure(
             pipe.send(start_ns)
         window_start = start_ns + int(options.warmup_s * 1e9)
         window_end = window_start + int(options.duration_s * 1e9)
-        cpu_start = _wait_and_read_cpu(server, window_start, start_ns, counters, options, progress)
-        cpu_end = _wait_and_read_cpu(server, window_end, start_ns, counters, options, progress)
+        cpu_start = cpu_end = None
+        try:
+            cpu_start = _wait_and_read_cpu(
+                server, window_start, start_ns, counters, options, progress
+            )
+            cpu_end = _wait_and_read_cpu(server, window_end, start_ns, counters, options, progress)
+        except KeyboardInterrupt:  # Ctrl+C: end the window now, and report what it holds
+            for proc in procs:
+                if proc.pid is not None:
+                    with contextlib.suppress(OSError):
+                        os.kill(proc.pid, STOP_SIGNAL)
+            if cpu_start is None:
+                raise
+            cpu_end = _read_cpu(server)
         rss_end = server.memory_info().rss if server else None
         results = [_receive(pipe, "result", 60.0) for pipe in pipes]
         finished = True
@@ -286,7 +298,13 @@ def _measure(
                 proc.kill()
         for pipe in pipes:
             pipe.close()
-    figures = _combine(options, results)
+    window_s = min(r["window_ns"] for r in results) / 1e9
+    if window_s <= 0:
+        raise KeyboardInterrupt  # interrupted before the measured window began
+    figures = _combine(options, results, window_s)
+    if window_s < options.duration_s:
+        figures["partial"] = True
+        figures["window_s"] = window_s
     figures["server"] = {
         "pid": pid,
         "cpu_s": None if server is None else cpu_end - cpu_start,
@@ -347,15 +365,21 @@ def _wait_and_read_cpu(
             phase = "warmup" if elapsed < options.warmup_s else "measure"
             progress(phase, max(0.0, elapsed), total, sum(counters))
         time.sleep(min(0.1, (until_ns - now) / 1e9))
+    return _read_cpu(server)
+
+
+def _read_cpu(server: psutil.Process | None) -> float:
     if server is None:
         return 0.0
     times = server.cpu_times()
     return float(times.user + times.system)
 
 
-def _combine(options: BenchOptions, results: list[dict[str, Any]]) -> dict[str, Any]:
+def _combine(
+    options: BenchOptions, results: list[dict[str, Any]], duration: float
+) -> dict[str, Any]:
+    """The workers' tallies as one result; rates over ``duration``, the window's seconds."""
     ops = sum(r["ops"] for r in results)
-    duration = options.duration_s
     latencies = (
         np.concatenate([np.frombuffer(r["latencies_ns"], dtype=np.int64) for r in results]) / 1000.0
     )

@@ -9,18 +9,23 @@ and the worker sends its tally when the window has closed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import resource
+import signal
 import time
 from multiprocessing.connection import Connection as Pipe
-from typing import Any
+from typing import Any, Final
 
 from netframe.bench._load import DatagramLoad, SessionLoad, StreamLoad, Tally
 from netframe.config import Framing
 from netframe.loops import loop_factory
 
-__all__ = ["Job", "raise_open_file_limit", "worker_main"]
+__all__ = ["STOP_SIGNAL", "Job", "raise_open_file_limit", "worker_main"]
+
+#: What the parent sends a load process to end the measured window now (on Ctrl+C).
+STOP_SIGNAL: Final = signal.SIGUSR1
 
 # Connections opened at once while setting up: a SYN burst larger than the server's
 # accept backlog would be dropped and retried a second later by the kernel.
@@ -73,6 +78,9 @@ def messages(job: Job, conn_id: int) -> tuple[bytes, bytes, bytes]:
 
 def worker_main(job: Job, pipe: Pipe, progress: Any) -> None:
     """Process entry point."""
+    # Ctrl+C reaches every process of the terminal's group: the parent alone decides,
+    # and asks a load process to end its window early with SIGUSR1 (STOP_SIGNAL).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         if job.cpus:
             os.sched_setaffinity(0, job.cpus)
@@ -100,6 +108,14 @@ async def _run(job: Job, pipe: Pipe, progress: Any) -> dict[str, Any]:
     tally.start_ns = start_ns + int(job.warmup_s * 1e9)
     tally.end_ns = tally.start_ns + int(job.duration_s * 1e9)
     tally.timeline = Tally(tally.start_ns, tally.end_ns).timeline
+    stop = asyncio.Event()
+
+    def stop_early() -> None:  # the parent was interrupted: end the window now
+        tally.end_ns = max(tally.start_ns, min(tally.end_ns, time.monotonic_ns()))
+        stop.set()
+
+    loop.add_signal_handler(STOP_SIGNAL, stop_early)
+    _stopping.append(stop)
     await _sleep_until(start_ns)
     reporter = loop.create_task(_report_progress(tally, progress, job.index))
     cpu_task = loop.create_task(_cpu_in_window(tally))
@@ -135,13 +151,26 @@ async def _run(job: Job, pipe: Pipe, progress: Any) -> dict[str, Any]:
         "timeline": tally.timeline,
         "cpu_s": cpu_s,
         "held": held,
+        "window_ns": tally.end_ns - tally.start_ns,
     }
 
 
+# The event set when the parent asks this process to stop early (one per run).
+_stopping: list[asyncio.Event] = []
+
+
 async def _sleep_until(deadline_ns: int) -> None:
+    """Sleep until ``deadline_ns``, or until the parent asks to stop early."""
+    stop = _stopping[-1] if _stopping else None
     # Loop timers may fire a little early (uvloop rounds to milliseconds): sleep again.
-    while (delay := (deadline_ns - time.monotonic_ns()) / 1e9) > 0:  # noqa: ASYNC110
-        await asyncio.sleep(delay)
+    while (delay := (deadline_ns - time.monotonic_ns()) / 1e9) > 0:
+        if stop is None:
+            await asyncio.sleep(delay)
+            continue
+        if stop.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
 
 
 async def _report_progress(tally: Tally, progress: Any, index: int) -> None:

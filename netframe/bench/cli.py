@@ -11,6 +11,9 @@ from typing import Any
 from netframe.bench._options import SCENARIOS, BenchError, BenchOptions
 from netframe.config import FRAMINGS
 
+#: The shell's convention for a command stopped by SIGINT (Ctrl+C).
+EXIT_INTERRUPTED = 130
+
 __all__ = ["add_bench_parser"]
 
 
@@ -187,6 +190,12 @@ def _bench(args: argparse.Namespace) -> int:
     except BenchError as exc:
         print(f"netframe: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before the window began, or while its figures were read
+        print("netframe: interrupted before there were figures to show", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if result.get("partial"):
+        print("netframe: interrupted: the figures below cover part of the window",
+              file=sys.stderr)  # fmt: skip
     print_summary(result)
     if args.json_path:
         write_json(result, args.json_path)
@@ -196,4 +205,6 @@ def _bench(args: argparse.Namespace) -> int:
         except MissingExtra as exc:
             print(f"netframe: error: {exc}", file=sys.stderr)
             return 2
+    if result.get("partial"):
+        return EXIT_INTERRUPTED
     return 1 if result["errors"] else 0
