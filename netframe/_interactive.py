@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import codecs
+import contextlib
 import locale
 import os
 import sys
@@ -135,10 +136,18 @@ async def interact_tcp(args: argparse.Namespace) -> None:
         address.host, address.port, framing=args.framing, timeout_s=args.timeout_s
     ) as client:
 
+        replied = asyncio.Event()
+
         async def print_replies() -> None:
             while (reply := await client.next_reply()) is not None:
                 show(reply, args.encoding)
+                replied.set()
 
+        # Bare words have no boundary on the wire: two sent back to back would arrive as
+        # one message. So in bare framing each line waits for the reply to the one before
+        # (at most --timeout), as the tutorial's lock-step client does.
+        bare = args.framing != "line"
+        awaiting_reply = False
         events: _Events = asyncio.Queue()
         printing = _watched(print_replies(), events)
         stdin = _StdinLines(events)
@@ -150,8 +159,14 @@ async def interact_tcp(args: argparse.Namespace) -> None:
             for line in stdin.lines(chunk):
                 if client.closed:
                     break
-                if line or args.framing == "line":  # a bare empty message is nothing
-                    client.send(encode(line, args.encoding))
+                if bare and not line:  # a bare empty message is nothing
+                    continue
+                if awaiting_reply:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(replied.wait(), client.timeout_s)
+                replied.clear()
+                client.send(encode(line, args.encoding))
+                awaiting_reply = bare
             await client.drain()
             if not chunk:
                 break

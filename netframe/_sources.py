@@ -17,6 +17,7 @@ Every error names its source (the file, or the variable), the key and the reason
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import os
 import tomllib
@@ -24,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from netframe.config import Config, ConfigError, Setting, settings
+from netframe.config import Address, Config, ConfigError, Setting, settings
 
 __all__ = ["ENV_PREFIX", "load_config"]
 
@@ -134,8 +135,17 @@ def _text_value(setting: Setting, text: str) -> Any:
 
 
 def _checked(key: str, setting: Setting, value: Any) -> Any:
-    if setting.kind != "addresses":  # addresses were parsed, which checks them
+    if setting.kind == "addresses":  # parsed from text, which checks them
+        for item in value:
+            if not isinstance(item, Address):
+                raise ConfigError(f"{key} must hold addresses like 127.0.0.1:9999, not {item!r}")
+    else:
         setting.check(key, value)
+    if key == "encoding":
+        try:
+            codecs.lookup(value)
+        except (LookupError, TypeError):
+            raise ConfigError(f"unknown encoding {value!r}") from None
     return value
 
 

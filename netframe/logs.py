@@ -204,10 +204,9 @@ class LineWriter:
         # Set by the loop when it wakes the writer, cleared by the writer before it
         # drains: one wake-up (a futex call, a thread switch) per burst, not per line.
         self._wake_pending = False
-        # Lines queued (loop side) and lines written or dropped (writer side), each
-        # counted on one thread only; flush() waits for them to meet.
-        self._queued = 0
-        self._done = 0
+        # True while the writer holds lines it took from the queue and has not written:
+        # with the queue empty, that is all flush() must wait for.
+        self._writing = False
         self._stopped = False
         # Counted on two threads, so in two counters: each is written by one thread only.
         self._dropped_full = 0  # event-loop side: the queue was full
@@ -230,7 +229,6 @@ class LineWriter:
         if len(self._lines) >= self._max_lines and not self._reporting:
             self._dropped_full += 1
             return
-        self._queued += 1
         self._lines.append(message)
         if not self._wake_pending:
             self._wake_pending = True
@@ -242,7 +240,7 @@ class LineWriter:
     def flush(self, timeout_s: float = 2.0) -> bool:
         """Wait up to ``timeout_s`` for queued lines to be written; True when they were."""
         deadline = time.monotonic() + timeout_s
-        while self._done < self._queued:
+        while self._lines or self._writing:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.002)
@@ -264,6 +262,7 @@ class LineWriter:
             self._wake.clear()
             self._wake_pending = False
             while lines:
+                self._writing = True
                 count = min(len(lines), _BATCH_LINES)
                 batch = [lines.popleft() for _ in range(count)]
                 try:
@@ -271,9 +270,9 @@ class LineWriter:
                     self._stream.flush()
                 except (OSError, ValueError):  # a closed pipe or file: drop, keep going
                     self._dropped_failed += count
-                    self._done += count
                     continue
-                self._done += count
+                finally:
+                    self._writing = False
                 dropped = self.dropped - self._reported
                 if dropped and self.on_recovered is not None:
                     self._reported += dropped

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
 import math
 import os
 import signal
@@ -168,6 +169,9 @@ class Server:
         ctx.now = loop.time()
         try:
             await self._start_hook()
+            if self._stopped:  # close() came while on_start ran: bind nothing, undo it
+                await self._stop_hook()
+                return
             for address in self.config.tcp_addresses:
                 await self._listen_tcp(ctx, address)
             for address in self.config.udp_addresses:
@@ -291,7 +295,7 @@ class Server:
 
     async def _start_hook(self) -> None:
         """The handler's ``on_start``, before anything is bound."""
-        hook = getattr(self._handler_factory, "on_start", None)
+        hook = _hook(self._handler_factory, "on_start")
         if hook is None:
             self._hooks_started = True
             return
@@ -309,7 +313,7 @@ class Server:
         if not self._hooks_started:
             return
         self._hooks_started = False
-        hook = getattr(self._handler_factory, "on_stop", None)
+        hook = _hook(self._handler_factory, "on_stop")
         if hook is None:
             return
         try:
@@ -680,6 +684,15 @@ def _descriptors_in_use() -> int:
     return 32
 
 
+def _hook(factory: Any, name: str) -> Any:
+    """The factory's ``on_start``/``on_stop``, or its class's when the factory is a
+    ``functools.partial`` of a handler class."""
+    hook = getattr(factory, name, None)
+    if hook is None and isinstance(factory, functools.partial):
+        hook = getattr(factory.func, name, None)
+    return hook
+
+
 def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
@@ -703,7 +716,8 @@ def run(config: Config | None = None, **settings: Any) -> int:
     aborts every connection and exits at once with status 1.
 
     Raises:
-        ConfigError, HandlerError, LoopUnavailable, ListenError: before serving starts.
+        ConfigError, HandlerError, LoopUnavailable, ListenError, StartError: before
+            serving starts.
         RunInLoopError: called inside a running event loop (use :class:`Server`).
     """
     try:

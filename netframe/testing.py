@@ -42,6 +42,7 @@ from netframe.server import Server
 
 __all__ = ["MemoryConnection", "server_thread", "serving"]
 
+_DEFAULTS: Final = Config()
 _CLIENT: Final = InetAddress("127.0.0.1", 50000)
 _SERVER: Final = InetAddress("127.0.0.1", 9999)
 # Each MemoryConnection gets its own id, as each real connection does.
@@ -78,7 +79,7 @@ class MemoryConnection:
         encoding: str = "utf-8",
         framing: str = "auto",
         terminator: bytes | None = None,
-        max_line_bytes: int = 1024,
+        max_line_bytes: int = _DEFAULTS.max_line_bytes,
     ) -> None:
         self.handler = handler if isinstance(handler, Handler) else handler()
         self.network: Network = network
@@ -92,13 +93,15 @@ class MemoryConnection:
         )
         self.encoding = encoding
         self.max_line_bytes = max_line_bytes
-        self._framer = make_framer(framing, max_line_bytes, 0.25)()
+        self._framer = make_framer(framing, max_line_bytes, _DEFAULTS.bare_message_delay_s)()
         self.terminator = (
             (b"\n" if framing == "line" else b"") if terminator is None else terminator
         )
         # The ending of the message being answered; None when none is (a send is a push).
         self._answering: bytes | None = None
-        self._handling_from = 0  # where the replies to the message being handled begin
+        # Where the replies not yet "written" begin: those of the read being handled
+        # synchronously (the endpoint writes them as one batch); None outside one.
+        self._unwritten_from: int | None = None
         #: Every reply so far, in order, as wire bytes.
         self.sent: list[bytes] = []
         self.closed = False
@@ -121,8 +124,9 @@ class MemoryConnection:
 
     def abort(self) -> None:
         """Like :meth:`close`, and the replies to the message being handled are dropped."""
-        # As on a socket, the replies to the message being handled are never written.
-        del self.sent[self._handling_from :]
+        # As on a socket, the replies of the read being handled are never written.
+        if self._unwritten_from is not None:
+            del self.sent[self._unwritten_from :]
         self._end(CloseReason.HANDLER_ABORTED)
 
     # -- driving the handler ----------------------------------------------------------------
@@ -133,7 +137,7 @@ class MemoryConnection:
         Raises:
             TypeError: ``on_connect`` is async; use :meth:`aconnect`.
         """
-        with self._replying(self._framer.greeting_terminator) as replies:
+        with self._batch(), self._replying(self._framer.greeting_terminator) as replies:
             _no_await(self.handler.on_connect(self), "aconnect()")
         return replies
 
@@ -150,7 +154,7 @@ class MemoryConnection:
             TypeError: the handler is async; use :meth:`areceive`.
             UnicodeDecodeError: ``bytes`` for a text handler that do not decode.
         """
-        with self._replying(self._ending(terminator)) as replies:
+        with self._batch(), self._replying(self._ending(terminator)) as replies:
             _no_await(self._deliver(message), "areceive(...)")
         return replies
 
@@ -167,8 +171,9 @@ class MemoryConnection:
             TypeError: the handler is async; use :meth:`afeed`.
         """
         start = len(self.sent)
-        for message, ending in self._frame(self._framer.feed(data)):
-            self.receive(message, ending)
+        with self._batch():
+            for message, ending in self._frame(self._framer.feed(data)):
+                self.receive(message, ending)
         return self.sent[start:]
 
     async def afeed(self, data: bytes) -> list[bytes]:
@@ -176,6 +181,17 @@ class MemoryConnection:
         start = len(self.sent)
         for message, ending in self._frame(self._framer.feed(data)):
             await self.areceive(message, ending)
+        return self.sent[start:]
+
+    def elapse(self) -> list[bytes]:
+        """The time the framer asked to wait has passed with nothing new (on a server,
+        ``--bare-message-delay`` after an ``auto`` connection's first long read with no
+        newline): what it held is handled. Returns the replies (none if nothing waited).
+        """
+        start = len(self.sent)
+        with self._batch():
+            for message, ending in self._frame(self._framer.timeout()):
+                self.receive(message, ending)
         return self.sent[start:]
 
     def feed_eof(self) -> list[bytes]:
@@ -213,10 +229,23 @@ class MemoryConnection:
         return self.terminator if terminator is None else terminator
 
     @contextlib.contextmanager
+    def _batch(self) -> Iterator[None]:
+        """Replies made within the block are one batch, written at its end (outermost
+        block only): until then an ``abort()`` drops them, as the endpoint's does."""
+        if self._unwritten_from is not None:
+            yield
+            return
+        self._unwritten_from = len(self.sent)
+        try:
+            yield
+        finally:
+            self._unwritten_from = None
+
+    @contextlib.contextmanager
     def _replying(self, ending: bytes) -> Iterator[list[bytes]]:
         """Sends within the block answer a message ended by ``ending``; the list it
         gives fills with the replies made in the block."""
-        start = self._handling_from = len(self.sent)
+        start = len(self.sent)
         outer, self._answering = self._answering, ending
         replies: list[bytes] = []
         try:

@@ -665,3 +665,12 @@ def test_ctrl_c_ends_the_run_with_what_it_has_and_stops_everything(during: str) 
         assert err.strip() == "netframe: interrupted before there were figures to show"
     psutil.wait_procs(children, timeout=10)
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_a_window_of_any_length_is_whole_unless_interrupted(loop_name: str) -> None:
+    # 0.3 s is 299,999,999.99 ns: a window cut to whole nanoseconds is still all of it.
+    with line_server(loop_name) as target:
+        result = bench(scenario="greeting", target=target, duration_s=0.3)
+    assert_clean(result)
+    assert "partial" not in result
+    assert "window_s" not in result

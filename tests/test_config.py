@@ -241,3 +241,22 @@ def test_the_file_shown_in_operations_md_loads(tmp_path: Path) -> None:
     assert config.handler == "echo"
     assert config.udp_addresses == ()
     assert config.idle_timeout_s == 60
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "message"),
+    [
+        ('encoding = "bogus"', {}, "netframe.toml: encoding: unknown encoding 'bogus'"),
+        ("", {"NETFRAME_ENCODING": "bogus"}, "NETFRAME_ENCODING: unknown encoding 'bogus'"),
+        (
+            "tcp = [9000]",
+            {},
+            "netframe.toml: tcp: must hold addresses like 127.0.0.1:9999, not 9000",
+        ),
+    ],
+)
+def test_checks_made_by_config_too_name_their_source(
+    tmp_path: Path, text: str, environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config.load(write(tmp_path, text + "\n"), environ=environ)

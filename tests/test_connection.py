@@ -5,6 +5,7 @@ server's start and stop hooks, and MemoryConnection checked against the real end
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
@@ -435,3 +436,81 @@ def test_memory_connection_reports_the_interface() -> None:
     assert first.close_reason is CloseReason.HANDLER_ABORTED
     second.disconnect()
     assert second.close_reason is CloseReason.PEER_CLOSED
+
+
+class Kill(Handler):
+    """Echoes, and aborts on ``kill``."""
+
+    def on_message(self, conn: Connection, message: str) -> None:
+        if message == "kill":
+            conn.abort()
+        else:
+            conn.send(f"echo {message}")
+
+
+@pytest.mark.parametrize(
+    ("reads", "received"), [([b"one\nkill\n"], b""), ([b"one\n", b"kill\n"], b"echo one\n")]
+)
+@pytest.mark.asyncio
+async def test_abort_drops_the_replies_of_its_read_in_memory_as_on_a_socket(
+    reads: list[bytes], received: bytes
+) -> None:
+    memory = MemoryConnection(Kill, framing="line")
+    for data in reads:
+        memory.feed(data)
+    assert b"".join(memory.sent) == received
+    async with serving(handler=Kill, framing="line", udp=[]) as server:
+        reader, writer = await asyncio.open_connection(*server.address("tcp"))
+        for data in reads:
+            writer.write(data)
+            if data != reads[-1]:
+                assert await exactly(reader, len(b"echo one\n")) == b"echo one\n"
+        with pytest.raises(ConnectionResetError):
+            await until_closed(reader)
+        writer.close()
+
+
+def test_abort_outside_a_message_drops_nothing_already_sent() -> None:
+    conn = MemoryConnection(Kill, framing="line")
+    assert conn.receive("hi") == [b"echo hi\n"]
+    conn.send("push")
+    conn.abort()  # from elsewhere (a kick): what was written stays written
+    assert conn.sent == [b"echo hi\n", b"push\n"]
+    assert conn.close_reason is CloseReason.HANDLER_ABORTED
+
+
+def test_a_long_bare_first_word_is_answered_when_the_wait_elapses() -> None:
+    conn = MemoryConnection(GreetingHandler)
+    word = b"y" * 600  # one segment's worth or more: perhaps part of a longer line
+    assert conn.feed(word) == []
+    assert conn.elapse() == [b"Hello, " + word + b"!"]
+
+
+@pytest.mark.asyncio
+async def test_a_close_during_a_slow_start_hook_binds_nothing_and_stops_the_hook(
+    pool: type[Pool],
+) -> None:
+    gate = asyncio.Event()
+
+    class SlowPool(Pool):
+        @classmethod
+        async def on_start(cls, server: Server) -> None:
+            await gate.wait()
+            cls.events.append("start")
+
+    server = Server(handler=SlowPool, tcp=["127.0.0.1:0"], udp=[])
+    starting = asyncio.ensure_future(server.start())
+    await asyncio.sleep(0.05)
+    closing = asyncio.ensure_future(server.close())
+    await asyncio.sleep(0.05)
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(starting, closing), BOUND_S)
+    assert server.addresses == []
+    assert pool.events == ["start", "stop"]
+
+
+@pytest.mark.asyncio
+async def test_hooks_of_a_partial_handler_class_are_called(pool: type[Pool]) -> None:
+    async with serving(handler=functools.partial(Pool), udp=[]):
+        assert pool.events == ["start"]
+    assert pool.events == ["start", "stop"]

@@ -84,8 +84,14 @@ def spawned_server(
     Its stderr goes to a temporary file, whose last line is the error when it fails.
     """
     with tempfile.TemporaryFile() as log:
+        # A session of its own: a terminal's Ctrl+C, sent to the whole foreground group,
+        # must not stop the server mid-window; the bench stops it below.
         proc = subprocess.Popen(
-            list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
         )
         try:
             if cpus:
@@ -271,12 +277,14 @@ def _measure(
         window_start = start_ns + int(options.warmup_s * 1e9)
         window_end = window_start + int(options.duration_s * 1e9)
         cpu_start = cpu_end = None
+        interrupted = False
         try:
             cpu_start = _wait_and_read_cpu(
                 server, window_start, start_ns, counters, options, progress
             )
             cpu_end = _wait_and_read_cpu(server, window_end, start_ns, counters, options, progress)
         except KeyboardInterrupt:  # Ctrl+C: end the window now, and report what it holds
+            interrupted = True
             for proc in procs:
                 if proc.pid is not None:
                     with contextlib.suppress(OSError):
@@ -298,11 +306,11 @@ def _measure(
                 proc.kill()
         for pipe in pipes:
             pipe.close()
-    window_s = min(r["window_ns"] for r in results) / 1e9
+    window_s = min(r["window_ns"] for r in results) / 1e9 if interrupted else options.duration_s
     if window_s <= 0:
         raise KeyboardInterrupt  # interrupted before the measured window began
     figures = _combine(options, results, window_s)
-    if window_s < options.duration_s:
+    if interrupted:
         figures["partial"] = True
         figures["window_s"] = window_s
     figures["server"] = {
