@@ -135,7 +135,6 @@ async def interact_tcp(args: argparse.Namespace) -> None:
     async with await TcpClient.connect(
         address.host, address.port, framing=args.framing, timeout_s=args.timeout_s
     ) as client:
-
         replied = asyncio.Event()
 
         async def print_replies() -> None:
@@ -147,7 +146,8 @@ async def interact_tcp(args: argparse.Namespace) -> None:
         # one message. So in bare framing each line waits for the reply to the one before
         # (at most --timeout), as the tutorial's lock-step client does.
         bare = args.framing != "line"
-        awaiting_reply = False
+        awaiting_reply = bare and not args.no_greeting  # the greeting, before the first
+
         events: _Events = asyncio.Queue()
         printing = _watched(print_replies(), events)
         stdin = _StdinLines(events)

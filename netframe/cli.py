@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument(
         "--no-greeting",
         action="store_true",
-        help="TCP: send the first NAME at once instead of first waiting for a greeting "
-        "(default: off)",
+        help="TCP: send the first NAME (with -i in bare framing, the first line) at once "
+        "instead of first waiting for a greeting (default: off)",
     )
     client.add_argument(
         "--no-exit",

@@ -496,3 +496,14 @@ def test_every_flag_says_what_it_does_and_its_default(command: str) -> None:
         text = action.help or ""
         assert len(text) > 10, action.option_strings
         assert "(default: " in text or "required" in text, (action.option_strings, text)
+
+
+def test_interactive_bare_words_piped_together_are_answered_one_by_one(
+    cli_server: Callable[..., CliServer],
+) -> None:
+    server = cli_server("--tcp", "127.0.0.1:0")  # the defaults: auto framing, greeting
+    host, port = server.address("tcp")
+    done = run_client(f"{host}:{port}", "-i", stdin="Bob\nAlice\nexit\n")
+    # Sent back to back, bare words would be one message ("Hello, BobAliceexit!").
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == "Welcome!\nHello, Bob!\nHello, Alice!\n"
