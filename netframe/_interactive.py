@@ -46,6 +46,9 @@ def show(reply: bytes, encoding: str) -> None:
 # queued with stdin's chunks as ``None``.
 _Events = asyncio.Queue[bytes | OSError | None]
 _STDIN_CHUNK = 64 * 1024
+#: How long bare framing waits for a greeting before the first line: a server that
+#: greets does so as the connection opens; one that does not must not stall the start.
+_GREETING_WAIT_S = 1.0
 
 
 class _StdinLines:
@@ -147,6 +150,7 @@ async def interact_tcp(args: argparse.Namespace) -> None:
         # (at most --timeout), as the tutorial's lock-step client does.
         bare = args.framing != "line"
         awaiting_reply = bare and not args.no_greeting  # the greeting, before the first
+        first = True
 
         events: _Events = asyncio.Queue()
         printing = _watched(print_replies(), events)
@@ -162,8 +166,11 @@ async def interact_tcp(args: argparse.Namespace) -> None:
                 if bare and not line:  # a bare empty message is nothing
                     continue
                 if awaiting_reply:
+                    # The greeting comes at once or not at all; a reply may take a while.
+                    wait_s = min(client.timeout_s, _GREETING_WAIT_S) if first else client.timeout_s
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(replied.wait(), client.timeout_s)
+                        await asyncio.wait_for(replied.wait(), wait_s)
+                first = False
                 replied.clear()
                 client.send(encode(line, args.encoding))
                 awaiting_reply = bare
