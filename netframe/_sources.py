@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from netframe.config import Address, Config, ConfigError, Setting, settings
+from netframe.handlers import HandlerError, resolve_handler
 
 __all__ = ["ENV_PREFIX", "load_config"]
 
@@ -146,6 +147,11 @@ def _checked(key: str, setting: Setting, value: Any) -> Any:
             codecs.lookup(value)
         except (LookupError, TypeError):
             raise ConfigError(f"unknown encoding {value!r}") from None
+    elif key == "handler":  # found now, so that its error names where it was set
+        try:
+            resolve_handler(value)
+        except HandlerError as exc:
+            raise ConfigError(str(exc)) from None
     return value
 
 

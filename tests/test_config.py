@@ -253,6 +253,8 @@ def test_the_file_shown_in_operations_md_loads(tmp_path: Path) -> None:
             {},
             "netframe.toml: tcp: must hold addresses like 127.0.0.1:9999, not 9000",
         ),
+        ('handler = "nope"', {}, "netframe.toml: handler: unknown handler 'nope'"),
+        ("", {"NETFRAME_HANDLER": "no.such:Thing"}, "NETFRAME_HANDLER: cannot import handler"),
     ],
 )
 def test_checks_made_by_config_too_name_their_source(
