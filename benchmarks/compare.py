@@ -44,7 +44,9 @@ Argv = Callable[[str, int], list[str]]  # (handler, port) -> command line
 def _netframe(loop: str) -> Argv:
     def argv(handler: str, port: int) -> list[str]:
         scenario = "echo" if handler == "echo" else "greeting"
-        options = BenchOptions(scenario=scenario, spawn_args=("--loop", loop))
+        # The tutorial's bare exchange: netframe on its defaults (auto framing).
+        framing = ("--framing", "auto") if handler == "bare-greeting" else ()
+        options = BenchOptions(scenario=scenario, spawn_args=("--loop", loop, *framing))
         return netframe_serve_argv(options, port)
 
     return argv
@@ -72,9 +74,14 @@ SCENARIOS: dict[str, tuple[dict[str, Any], str]] = {
     "echo-1k": ({"scenario": "echo", "size": 1024, "conns": 50}, "echo"),
     "greeting": ({"scenario": "greeting", "conns": 50}, "greeting"),
     "sessions": ({"scenario": "sessions", "conns": 20}, "greeting"),
+    # The tutorial's own clients: bare words (the load generator reads the bare greeting).
+    "sessions-bare": ({"scenario": "sessions", "conns": 20}, "bare-greeting"),
     "udp": ({"scenario": "udp", "conns": 50}, "greeting"),
 }
 HOLD_SERVERS = ("netframe-uvloop", "raw-uvloop", "netframe-asyncio", "raw-asyncio")
+#: Scenarios only some servers can serve: the baselines other than the raw Protocol
+#: server speak lines only.
+ONLY: dict[str, tuple[str, ...]] = {"hold": HOLD_SERVERS, "sessions-bare": HOLD_SERVERS}
 
 
 def cpu_split() -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
@@ -192,7 +199,7 @@ def main() -> int:
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for round_no in range(1, args.rounds + 1):
         for scenario in scenarios:
-            names = [s for s in servers if scenario != "hold" or s in HOLD_SERVERS]
+            names = [s for s in servers if s in ONLY.get(scenario, servers)]
             for name in names:
                 print(f"round {round_no}/{args.rounds}  {scenario:<9} {name}", flush=True)
                 result = measure(name, scenario, args)

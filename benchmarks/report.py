@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-CPU_TARGETS = {"echo-1k": 1.05, "greeting": 1.05, "sessions": 1.10}
+CPU_TARGETS = {"echo-1k": 1.05, "greeting": 1.05, "sessions": 1.10, "sessions-bare": 1.10}
 UDP_TARGET = 0.95
 HOLD_TARGET_BYTES = 2048
 LOADGEN_TARGET = 100_000
