@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 from netframe.config import Config
 from netframe.framing import Framer, make_framer
 from netframe.handlers import Handler, InetAddress, PeerAddress
+from netframe.handlers._interface import unmapped_host as normalise_host
 from netframe.limits import DeadlineWheel, EventSummary
 from netframe.logs import ConnectionLog, connection_log
 
@@ -44,14 +45,19 @@ def format_peer(peer: PeerAddress | tuple[Any, ...] | None) -> str:
     return "unknown" if peer is None else str(peer)
 
 
-def normalise_host(host: str) -> str:
-    """``"::ffff:10.0.0.1"`` -> ``"10.0.0.1"``: one client, one key, whichever socket family."""
-    return host[7:] if host.startswith("::ffff:") and "." in host else host
-
-
 def error_reply(reason: str) -> bytes:
     """The line netframe sends a client whose input it refuses (always ASCII)."""
     return f"Error: {reason}".encode("ascii")
+
+
+def undecodable_reply(encoding: str) -> bytes:
+    """The refusal of a message that is not text in ``encoding``."""
+    return error_reply(f"message is not valid {encoding}")
+
+
+def line_limit_reply(max_line_bytes: int) -> bytes:
+    """The refusal of a message over ``max_line_bytes``."""
+    return error_reply(f"line exceeds {max_line_bytes} bytes")
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -128,8 +134,8 @@ class EndpointContext:
         self.debug = floor <= logging.DEBUG and bool(enabled(logging.DEBUG))
         self.info = floor <= logging.INFO and bool(enabled(logging.INFO))
         self.connection_log = connection_log() if self.info else None
-        self.undecodable_reply = error_reply(f"message is not valid {config.encoding}")
-        self.line_limit_reply = error_reply(f"line exceeds {config.max_line_bytes} bytes")
+        self.undecodable_reply = undecodable_reply(config.encoding)
+        self.line_limit_reply = line_limit_reply(config.max_line_bytes)
         self.next_id = _connection_ids.__next__
         self.strip_datagram_terminator = config.framing in ("auto", "line")
 

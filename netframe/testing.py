@@ -24,7 +24,7 @@ from typing import Any, Final
 
 from structlog.typing import FilteringBoundLogger
 
-from netframe._endpoint import error_reply, format_peer
+from netframe._endpoint import format_peer, line_limit_reply, undecodable_reply
 from netframe.config import Config
 from netframe.framing import make_framer
 from netframe.handlers import (
@@ -267,19 +267,19 @@ class MemoryConnection:
                     try:
                         message = payload.decode(self.encoding)
                     except UnicodeDecodeError:
-                        self._error(f"message is not valid {self.encoding}", ending)
+                        self._error(undecodable_reply(self.encoding), ending)
                         continue
                 yield message, ending
             if framer.overflow and not self.closed:
-                self._error(f"line exceeds {self.max_line_bytes} bytes", b"\n")
+                self._error(line_limit_reply(self.max_line_bytes), b"\n")
                 self._end(CloseReason.LINE_TOO_LONG)
                 return
             if not framer.unparsed or self.closed:
                 return
             messages = framer.feed(b"")
 
-    def _error(self, reason: str, ending: bytes) -> None:
-        self.sent.append(self._framer.encode(error_reply(reason), ending))
+    def _error(self, reply: bytes, ending: bytes) -> None:
+        self.sent.append(self._framer.encode(reply, ending))
 
     def _deliver(self, message: Message) -> Awaitable[None] | None:
         if self.closed:

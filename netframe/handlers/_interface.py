@@ -42,6 +42,11 @@ Network = Literal["tcp", "udp", "unix"]
 Message = str | bytes
 
 
+def unmapped_host(host: str) -> str:
+    """``"::ffff:10.0.0.1"`` -> ``"10.0.0.1"``: one client, one key, whichever socket family."""
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class InetAddress:
     """An IPv4 or IPv6 address and port, as a peer or a local end of a connection.
@@ -60,10 +65,7 @@ class InetAddress:
         """The address of a socket tuple (``("::1", 5000, 0, 0)``); ``None`` if it is not one."""
         if not isinstance(sockaddr, tuple) or len(sockaddr) < 2:
             return None
-        host = str(sockaddr[0])
-        if host.startswith("::ffff:") and "." in host:
-            host = host[7:]
-        return cls(host, int(sockaddr[1]))
+        return cls(unmapped_host(str(sockaddr[0])), int(sockaddr[1]))
 
     @property
     def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
