@@ -48,7 +48,7 @@ def test_the_settings_table_in_operations_md_is_the_generated_one() -> None:
     assert start, "docs/operations.md has lost its settings-table:start marker line"
     assert end, "docs/operations.md has lost its settings-table:end marker line"
     assert table == settings_markdown(), (
-        "the settings table in docs/operations.md differs from netframe/config.py: "
+        "the settings table in docs/operations.md differs from src/netframe/config.py: "
         "regenerate it with netframe.config.settings_markdown() (see the command in the "
         "page) and paste the output between the settings-table marker lines"
     )
