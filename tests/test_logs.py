@@ -77,9 +77,12 @@ CLOSED_FIELDS = ("reason", "duration_s", "bytes_in", "bytes_out", "messages_in",
 STAMP = "2026-11-29T19:02:34.000123Z"
 
 
-def structlog_line(log_format: str, event: str, fields: dict[str, object]) -> str:
+def structlog_line(
+    log_format: str, event: str, fields: dict[str, object], worker: str | None = None
+) -> str:
     """What netframe's structlog set-up writes for this event (a fixed timestamp)."""
-    event_dict = {**fields, "event": event, "level": "info", "timestamp": STAMP}
+    label = {} if worker is None else {"worker": worker}
+    event_dict = {**fields, "event": event, **label, "level": "info", "timestamp": STAMP}
     if log_format == "json":
         return str(structlog.processors.JSONRenderer()(None, "info", event_dict))
     return str(structlog.dev.ConsoleRenderer(colors=False)(None, "info", event_dict))
@@ -88,24 +91,77 @@ def structlog_line(log_format: str, event: str, fields: dict[str, object]) -> st
 @pytest.mark.parametrize("peer", PEERS)
 @pytest.mark.parametrize("closed", CLOSED)
 @pytest.mark.parametrize("log_format", ["json", "console"])
+@pytest.mark.parametrize("worker", [None, "12"])
 def test_the_connection_lines_are_the_ones_structlog_writes(
     log_format: str, peer: str, closed: tuple[str, float, int, int, int, int],
-    monkeypatch: pytest.MonkeyPatch,
+    worker: str | None, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     monkeypatch.setattr(logs, "_now", lambda: STAMP)
     lines: list[str] = []
-    fast = logs.ConnectionLog(lines.append, json=log_format == "json")
+    fast = logs.ConnectionLog(lines.append, json=log_format == "json", worker=worker)
     fast.opened("tcp", peer, 7)
     fast.closed("tcp", peer, 7, *closed)
     bound = {"transport": "tcp", "peer": peer, "conn": 7}
     assert lines == [
-        structlog_line(log_format, "connection_opened", bound),
+        structlog_line(log_format, "connection_opened", bound, worker),
         structlog_line(
             log_format,
             "connection_closed",
             {**bound, **dict(zip(CLOSED_FIELDS, closed, strict=True))},
+            worker,
         ),
     ]
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_a_worker_label_is_on_every_line_where_structlog_puts_it(log_format: str) -> None:
+    stream = io.StringIO()
+    logs.configure_logging(log_format, "info", stream=stream, worker="3")
+    try:
+        fast = logs.connection_log()
+        assert fast is not None  # the label keeps the fast path
+        logs.get_logger().info("connection_opened", transport="tcp", peer="127.0.0.1:5", conn=1)
+        fast.opened("tcp", "127.0.0.1:5", 1)
+        logs.get_logger().warning("something_else", count=2)
+        logs.flush_logs()
+    finally:
+        logs.configure_logging("console", "info")  # the suite's own set-up
+    slow, quick, other = stream.getvalue().splitlines()
+    if log_format == "json":
+        assert list(json.loads(slow)) == list(json.loads(quick))  # same fields, same order
+        assert json.loads(quick)["worker"] == json.loads(other)["worker"] == "3"
+    else:
+        assert slow[27:] == quick[27:]  # all but the timestamp
+        assert quick.endswith(" worker=3")
+        assert other.endswith(" worker=3")
+
+
+class RecordingStream(io.StringIO):
+    """A stream that keeps each write apart, as each becomes one write(2) to a pipe."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_writes_shared_by_workers_fit_in_pipe_buf_and_end_with_whole_lines() -> None:
+    stream = RecordingStream()
+    writer = LineWriter(stream, max_write_bytes=4096)
+    lines = [f"line {i} " + "x" * (i % 300) + "ü" * (i % 7) for i in range(2000)]
+    lines.insert(1000, "y" * 5000)  # longer than the cap: written alone
+    for line in lines:
+        writer.msg(line)
+    assert writer.flush(10)
+    writer.stop()
+    assert stream.getvalue().splitlines() == lines
+    for text in stream.writes:
+        assert text.endswith("\n")
+        assert len(text.encode()) <= 4096 or text == "y" * 5000 + "\n"
+    assert len(stream.writes) < len(lines) / 5  # still batched
 
 
 def test_the_fast_path_is_taken_only_under_netframes_own_configuration() -> None:

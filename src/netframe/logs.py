@@ -21,6 +21,7 @@ import collections
 import datetime
 import json
 import logging
+import select
 import sys
 import threading
 import time
@@ -99,7 +100,7 @@ def connection_log() -> ConnectionLog | None:
     # capture_logs() and others change the processors list in place: compare its items.
     if tuple(structlog.get_config()["processors"]) != _processors:
         return None
-    return ConnectionLog(_writer.msg, json=_json_format)
+    return ConnectionLog(_writer.msg, json=_json_format, worker=_worker)
 
 
 class ConnectionLog:
@@ -113,22 +114,29 @@ class ConnectionLog:
     on the console).
     """
 
-    __slots__ = ("_json", "_queue")
+    __slots__ = ("_console_tail", "_json", "_json_tail", "_queue")
 
-    def __init__(self, queue: Callable[[str], None], *, json: bool) -> None:
+    def __init__(
+        self, queue: Callable[[str], None], *, json: bool, worker: str | None = None
+    ) -> None:
         self._queue = queue
         self._json = json
+        # The `worker` field (several worker processes), where structlog puts it: after
+        # `event` in JSON, last of the sorted fields on the console.
+        self._json_tail = "" if worker is None else f', "worker": {_json_string(worker)}'
+        self._console_tail = "" if worker is None else f" worker={_console_string(worker)}"
 
     def opened(self, transport: str, peer: str, conn: int) -> None:
         if self._json:
             self._queue(
                 f'{{"transport": "{transport}", "peer": {_json_string(peer)}, "conn": {conn}, '
-                f'"event": "connection_opened", "level": "info", "timestamp": "{_now()}"}}'
+                f'"event": "connection_opened"{self._json_tail}, "level": "info", '
+                f'"timestamp": "{_now()}"}}'
             )
         else:
             self._queue(
                 f"{_now()} [info     ] connection_opened              conn={conn} "
-                f"peer={_console_string(peer)} transport={transport}"
+                f"peer={_console_string(peer)} transport={transport}{self._console_tail}"
             )
 
     def closed(
@@ -148,8 +156,8 @@ class ConnectionLog:
                 f'{{"transport": "{transport}", "peer": {_json_string(peer)}, "conn": {conn}, '
                 f'"reason": "{reason}", "duration_s": {duration_s!r}, "bytes_in": {bytes_in}, '
                 f'"bytes_out": {bytes_out}, "messages_in": {messages_in}, '
-                f'"messages_out": {messages_out}, "event": "connection_closed", '
-                f'"level": "info", "timestamp": "{_now()}"}}'
+                f'"messages_out": {messages_out}, "event": "connection_closed"'
+                f'{self._json_tail}, "level": "info", "timestamp": "{_now()}"}}'
             )
         else:
             self._queue(
@@ -157,6 +165,7 @@ class ConnectionLog:
                 f"bytes_out={bytes_out} conn={conn} duration_s={duration_s!r} "
                 f"messages_in={messages_in} messages_out={messages_out} "
                 f"peer={_console_string(peer)} reason={reason} transport={transport}"
+                f"{self._console_tail}"
             )
 
 
@@ -196,9 +205,15 @@ class LineWriter:
     ``on_recovered(count)`` is called once with the number dropped since the last report.
     """
 
-    def __init__(self, stream: TextIO, max_lines: int = MAX_QUEUED_LINES) -> None:
+    def __init__(
+        self,
+        stream: TextIO,
+        max_lines: int = MAX_QUEUED_LINES,
+        max_write_bytes: int | None = None,
+    ) -> None:
         self._stream = stream
         self._max_lines = max_lines
+        self._max_write_bytes = max_write_bytes
         self._lines: collections.deque[str] = collections.deque()
         self._wake = threading.Event()
         # Set by the loop when it wakes the writer, cleared by the writer before it
@@ -263,8 +278,8 @@ class LineWriter:
             self._wake_pending = False
             while lines:
                 self._writing = True
-                count = min(len(lines), _BATCH_LINES)
-                batch = [lines.popleft() for _ in range(count)]
+                batch = self._take(lines)
+                count = len(batch)
                 try:
                     self._stream.write("\n".join(batch) + "\n")
                     self._stream.flush()
@@ -281,6 +296,27 @@ class LineWriter:
                         self.on_recovered(dropped)
                     finally:
                         self._reporting = False
+
+    def _take(self, lines: collections.deque[str]) -> list[str]:
+        """The next batch: up to ``_BATCH_LINES`` lines, and with ``max_write_bytes`` set,
+        as many as fit in that many bytes (always at least one line)."""
+        count = min(len(lines), _BATCH_LINES)
+        cap = self._max_write_bytes
+        if cap is None:
+            return [lines.popleft() for _ in range(count)]
+        batch = [lines.popleft()]
+        size = _encoded_size(batch[0]) + 1
+        while len(batch) < count:
+            more = _encoded_size(lines[0]) + 1
+            if size + more > cap:
+                break
+            batch.append(lines.popleft())
+            size += more
+        return batch
+
+
+def _encoded_size(line: str) -> int:
+    return len(line) if line.isascii() else len(line.encode("utf-8", "replace"))
 
 
 class _StdlibToStructlog(logging.Handler):
@@ -315,11 +351,17 @@ _processors: tuple[Any, ...] = ()
 _json_format = False
 # The level configure_logging set; None: the application configured structlog itself.
 _level: int | None = None
+# The `worker` field configure_logging adds to every line (None: a single process).
+_worker: str | None = None
 _stdlib_handler = _StdlibToStructlog()
 
 
 def configure_logging(
-    log_format: LogFormat = "console", level: str = "info", stream: TextIO | None = None
+    log_format: LogFormat = "console",
+    level: str = "info",
+    stream: TextIO | None = None,
+    *,
+    worker: str | None = None,
 ) -> None:
     """Send netframe's events to ``stream`` (stderr) as console text or one JSON per line.
 
@@ -327,10 +369,17 @@ def configure_logging(
     a filtering one, cached on first use. Lines are written by a thread (see
     :class:`LineWriter`); :func:`flush_logs` waits for them. Python's ``asyncio`` logger
     is routed through the same format.
+
+    ``worker`` (set by the ``--workers`` supervisor in itself and in each worker process)
+    adds a ``worker`` field to every line, and keeps each write to the shared stream
+    within ``PIPE_BUF`` bytes, which a pipe writes whole: lines of several processes
+    then never interleave mid-line.
     """
-    global _writer, _level, _processors, _json_format
+    global _writer, _level, _processors, _json_format, _worker
     _level = logging.getLevelNamesMapping()[level.upper()]
-    processors: list[Any] = [
+    _worker = worker
+    processors: list[Any] = [] if worker is None else [_WorkerLabel(worker)]
+    processors += [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
@@ -353,7 +402,9 @@ def configure_logging(
     _processors = tuple(processors)
     if _writer is not None:
         _writer.stop()
-    writer = _writer = LineWriter(stream or sys.stderr)
+    # A pipe writes up to PIPE_BUF bytes at once whole, however many processes share it.
+    shared = None if worker is None else select.PIPE_BUF
+    writer = _writer = LineWriter(stream or sys.stderr, max_write_bytes=shared)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_level),
@@ -365,6 +416,19 @@ def configure_logging(
     asyncio_logger.propagate = False
     if _stdlib_handler not in asyncio_logger.handlers:
         asyncio_logger.addHandler(_stdlib_handler)
+
+
+class _WorkerLabel:
+    """The structlog processor that adds ``worker`` to every event of a worker process."""
+
+    __slots__ = ("_worker",)
+
+    def __init__(self, worker: str) -> None:
+        self._worker = worker
+
+    def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        event_dict["worker"] = self._worker
+        return event_dict
 
 
 def flush_logs(timeout_s: float = 2.0) -> None:
