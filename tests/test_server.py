@@ -96,6 +96,34 @@ async def test_port_zero_reports_the_bound_ports() -> None:
         assert all(a.port > 0 for a in server.addresses)
 
 
+async def test_sockets_bound_elsewhere_are_served_in_place_of_addresses() -> None:
+    listening = socket.create_server(("127.0.0.1", 0))
+    port = listening.getsockname()[1]
+    datagrams = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    datagrams.bind(("127.0.0.1", 0))
+    given = {("tcp", port), ("udp", datagrams.getsockname()[1])}
+    # The configured addresses are not bound: port 1 would need privilege.
+    server = Server(tcp=["127.0.0.1:1"], udp=["127.0.0.1:1"], sockets=[listening, datagrams])
+    async with server:
+        assert {(a.transport, a.port) for a in server.addresses} == given
+        async with Client.connect(server) as client:
+            await client.expect(b"Welcome!")
+            await client.send(b"Bob\n")
+            await client.expect(b"Hello, Bob!\n")
+        async with await udp_client(server) as udp:
+            assert await udp.request(b"Bob") == b"Hello, Bob!"
+    # The server owned both and closed them.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    assert datagrams.fileno() == -1
+
+
+async def test_a_socket_that_is_neither_stream_nor_datagram_is_refused() -> None:
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with left, right, pytest.raises(netframe.ConfigError, match="not a stream or datagram"):
+        Server(sockets=[left])
+
+
 @pytest.mark.skipif(not HAS_IPV6, reason="no IPv6 loopback here")
 async def test_ipv6_loopback_tcp_and_udp() -> None:
     async with serving(tcp=["[::1]:0"], udp=["[::1]:0"]) as server:

@@ -37,7 +37,8 @@ from netframe.handlers.echo import EchoHandler
 from netframe.handlers.greeting import GreetingHandler
 from netframe.logs import configure_logging
 from netframe.loops import LoopUnavailable
-from netframe.server import BoundAddress, ListenError, RunInLoopError, Server, StartError, run
+from netframe.server import BoundAddress, ListenError, RunInLoopError, Server, StartError
+from netframe.workers import run
 
 __all__ = [
     "Address",

@@ -17,7 +17,7 @@ import contextlib
 import socket
 from typing import Any, Final
 
-__all__ = ["open_datagram_endpoint"]
+__all__ = ["ask_receive_buffer", "open_datagram_endpoint", "serve_datagram_socket"]
 
 #: Datagrams read per wake-up of the loop: enough to keep up with a flood, few enough
 #: that one busy listener cannot starve the rest of the loop.
@@ -112,18 +112,29 @@ async def open_datagram_endpoint(
     sock = socket.socket(family, type_, proto)
     try:
         sock.setblocking(False)
-        _ask_receive_buffer(sock, receive_buffer_bytes)
+        ask_receive_buffer(sock, receive_buffer_bytes)
         sock.bind(sockaddr)
     except BaseException:
         sock.close()
         raise
+    return await serve_datagram_socket(protocol, sock, max_datagram_bytes=max_datagram_bytes)
+
+
+async def serve_datagram_socket(
+    protocol: asyncio.DatagramProtocol, sock: socket.socket, *, max_datagram_bytes: int
+) -> asyncio.DatagramTransport:
+    """Serve an already bound UDP socket (``open_datagram_endpoint``'s, or one a worker
+    process was handed by the ``--workers`` supervisor) with ``protocol``."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
     if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
         return BatchedDatagramTransport(loop, sock, protocol, max_datagram_bytes + 1)
     transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
     return transport
 
 
-def _ask_receive_buffer(sock: socket.socket, size: int) -> None:
+def ask_receive_buffer(sock: socket.socket, size: int) -> None:
+    """Ask for a ``size``-byte receive buffer: past ``net.core.rmem_max`` with privilege."""
     force = getattr(socket, "SO_RCVBUFFORCE", None)
     if force is not None:
         try:

@@ -32,7 +32,8 @@ from netframe.config import (
 )
 from netframe.handlers import HandlerError
 from netframe.loops import LoopUnavailable, loop_factory
-from netframe.server import ListenError, StartError, run
+from netframe.server import ListenError, StartError
+from netframe.workers import run
 
 __all__ = ["main"]
 

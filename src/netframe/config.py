@@ -323,6 +323,16 @@ class Config:
         choices=LOG_LEVELS,
     )  # fmt: skip
 
+    workers: int | None = _setting(
+        1, "--workers",
+        "server processes sharing the listeners through SO_REUSEPORT (Linux), under a "
+        "supervisor that restarts them; auto: one per usable core. Caps and rate limits "
+        "apply per worker",
+        "one process is the simplest to run and debug, and one event loop already serves "
+        "thousands of connections; more workers use more cores",
+        "auto_count", metavar="N|auto", upper=1024,
+    )  # fmt: skip
+
     max_line_bytes: int = _setting(
         65536, "--max-line-bytes",
         "longest message in line and auto framing, and largest raw chunk, in bytes",
@@ -359,7 +369,8 @@ class Config:
     )  # fmt: skip
     max_connections: int | None = _setting(
         None, "--max-connections",
-        "most TCP connections open at once; auto: what the open-file limit allows",
+        "most TCP connections open at once, per worker process; auto: what the open-file "
+        "limit allows",
         "past the open-file limit accept() fails and the server can no longer even say "
         "no. HAProxy also derives its maxconn from the limit; auto is the soft limit "
         "less the descriptors open at start and a reserve",
@@ -367,7 +378,8 @@ class Config:
     )  # fmt: skip
     max_per_ip: int = _setting(
         0, "--max-per-ip",
-        "most TCP connections open at once from one client address (0: no limit)",
+        "most TCP connections open at once from one client address, per worker process "
+        "(0: no limit)",
         "off, as nginx's limit_conn is: many users can share one address behind NAT",
         "count0", metavar="N",
     )  # fmt: skip
@@ -419,8 +431,8 @@ class Config:
     )  # fmt: skip
     udp_rate: int = _setting(
         100, "--udp-rate",
-        "datagrams answered per second per source address, with a burst of as many "
-        "(0: no limit)",
+        "datagrams answered per second per source address, with a burst of as many, per "
+        "worker process (0: no limit)",
         "a UDP source address can be forged: the limit keeps the server from being aimed "
         "at a victim or at another server, as DNS response-rate limiting does; a person "
         "or a well-behaved client stays far below 100 a second",
@@ -428,7 +440,7 @@ class Config:
     )  # fmt: skip
     udp_rate_sources: int = _setting(
         16384, "--udp-rate-sources",
-        "source addresses the UDP rate limit remembers at once",
+        "source addresses the UDP rate limit remembers at once, per worker process",
         "bounds the limiter's memory (about 200 bytes a source, 3 MiB in all) however many "
         "addresses a flood forges", "count", metavar="N",
     )  # fmt: skip

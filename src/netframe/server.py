@@ -32,11 +32,11 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Final
 
-from netframe._datagram import open_datagram_endpoint
+from netframe._datagram import open_datagram_endpoint, serve_datagram_socket
 from netframe._endpoint import TICK_S, EndpointContext
 from netframe._errors import Error
 from netframe.config import Address, Config, ConfigError
@@ -48,7 +48,7 @@ from netframe.loops import loop_factory, resolve_loop_name
 from netframe.tcp import BufferedTcpEndpoint, TcpEndpoint
 from netframe.udp import UdpEndpoint
 
-__all__ = ["BoundAddress", "ListenError", "RunInLoopError", "Server", "StartError", "run"]
+__all__ = ["BoundAddress", "ListenError", "RunInLoopError", "Server", "StartError"]
 
 
 class RunInLoopError(Error, RuntimeError):
@@ -80,11 +80,17 @@ class Server:
 
     Args:
         config: the settings; ``None`` means :class:`Config` defaults.
+        sockets: sockets already bound, served instead of binding ``config``'s ``tcp``
+            and ``udp`` addresses: each listening ``SOCK_STREAM`` socket as a TCP listener,
+            each ``SOCK_DGRAM`` one as a UDP listener, in this order. The server owns
+            them from here on and closes them when it closes (or fails to start). This
+            is how each ``--workers`` process serves the sockets its supervisor bound.
         **settings: any :class:`Config` field, applied on top of ``config``
             (``Server(handler=MyHandler, tcp=["127.0.0.1:0"])``).
 
     Raises:
-        ConfigError: a setting is invalid.
+        ConfigError: a setting is invalid, or a socket is neither a stream nor a
+            datagram socket.
         HandlerError: the handler cannot be found.
 
     The handler is resolved when the server is built, so a wrong name fails here, not
@@ -92,12 +98,22 @@ class Server:
     :func:`run` and the command line configure it from ``config``.
     """
 
-    def __init__(self, config: Config | None = None, **settings: Any) -> None:
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        sockets: Sequence[socket.socket] | None = None,
+        **settings: Any,
+    ) -> None:
         if config is None:
             config = Config(**settings)
         elif settings:
             config = config.replace(**settings)
         self.config = config
+        for sock in sockets or ():
+            if sock.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                raise ConfigError(f"cannot serve {sock!r}: not a stream or datagram socket")
+        self._given_sockets = None if sockets is None else list(sockets)
         self._handler_factory = resolve_handler(config.handler)
         self._hooks_started = False
         try:
@@ -172,10 +188,13 @@ class Server:
             if self._stopped:  # close() came while on_start ran: bind nothing, undo it
                 await self._stop_hook()
                 return
-            for address in self.config.tcp_addresses:
-                await self._listen_tcp(ctx, address)
-            for address in self.config.udp_addresses:
-                await self._listen_udp(ctx, address)
+            if self._given_sockets is not None:
+                await self._serve_given(ctx, self._given_sockets)
+            else:
+                for address in self.config.tcp_addresses:
+                    await self._listen_tcp(ctx, address)
+                for address in self.config.udp_addresses:
+                    await self._listen_udp(ctx, address)
         except BaseException:
             self._close_listeners()
             self._addresses.clear()
@@ -396,11 +415,31 @@ class Server:
         )  # fmt: skip
         return budget
 
-    async def _listen_tcp(self, ctx: EndpointContext, address: Address) -> None:
+    async def _serve_given(self, ctx: EndpointContext, given: list[socket.socket]) -> None:
+        """Serve the sockets given to the server (all or none, as for bound ones)."""
+        try:
+            for index, sock in enumerate(given):
+                address = Address(*sock.getsockname()[:2])
+                if sock.type == socket.SOCK_STREAM:
+                    listener = _GuardedListener(
+                        sock.family, sock.type, sock.proto, fileno=sock.detach()
+                    )
+                    given[index] = listener  # closed below if serving it fails
+                    await self._listen_tcp(ctx, address, listener)
+                else:
+                    await self._listen_udp(ctx, address, sock)
+        except BaseException:
+            for sock in given:  # closing one already closed does nothing
+                sock.close()
+            raise
+
+    async def _listen_tcp(
+        self, ctx: EndpointContext, address: Address, given: _GuardedListener | None = None
+    ) -> None:
         loop = asyncio.get_running_loop()
         backlog = self.config.backlog
         try:
-            sockets = await _bind_tcp(address, backlog)
+            sockets = [given] if given is not None else await _bind_tcp(address, backlog)
             for sock in sockets:
                 sock.on_shed = lambda: ctx.refused("no_file_descriptors")
                 if isinstance(loop, asyncio.BaseEventLoop):  # its accept calls sock.accept
@@ -416,28 +455,32 @@ class Server:
                     self._uv_listeners.append(listener)
                 self._bound("tcp", sock)
         except OSError as exc:
-            raise ListenError(
-                exc.errno, f"cannot listen on tcp {address}: {_reason(exc)}"
-            ) from None
+            raise listen_error("tcp", address, exc) from None
 
-    async def _listen_udp(self, ctx: EndpointContext, address: Address) -> None:
+    async def _listen_udp(
+        self, ctx: EndpointContext, address: Address, given: socket.socket | None = None
+    ) -> None:
         try:
             handler = ctx.handler_factory()  # one per listener, made where errors are clear
         except Exception as exc:
             raise HandlerError(f"the handler factory failed: {exc!r}") from exc
         endpoint = UdpEndpoint(ctx, handler)
+        max_datagram_bytes = self.config.udp_max_datagram_bytes
         try:
-            transport = await open_datagram_endpoint(
-                endpoint,
-                address.host,
-                address.port,
-                max_datagram_bytes=self.config.udp_max_datagram_bytes,
-                receive_buffer_bytes=self.config.udp_receive_buffer_bytes,
-            )
+            if given is not None:
+                transport = await serve_datagram_socket(
+                    endpoint, given, max_datagram_bytes=max_datagram_bytes
+                )
+            else:
+                transport = await open_datagram_endpoint(
+                    endpoint,
+                    address.host,
+                    address.port,
+                    max_datagram_bytes=max_datagram_bytes,
+                    receive_buffer_bytes=self.config.udp_receive_buffer_bytes,
+                )
         except OSError as exc:
-            raise ListenError(
-                exc.errno, f"cannot listen on udp {address}: {_reason(exc)}"
-            ) from None
+            raise listen_error("udp", address, exc) from None
         self._udp_transports.append(transport)
         self._udp_endpoints.append(endpoint)
         self._bound("udp", transport.get_extra_info("socket"))
@@ -481,8 +524,8 @@ class _GuardedListener(socket.socket):
 
     __slots__ = ("_backoff_until", "_spare", "on_shed")
 
-    def __init__(self, family: int, type: int, proto: int) -> None:
-        super().__init__(family, type, proto)
+    def __init__(self, family: int, type: int, proto: int, fileno: int | None = None) -> None:
+        super().__init__(family, type, proto, fileno)
         self._spare: int | None = _open_spare()
         self._backoff_until = 0.0
         self.on_shed: Any = None
@@ -637,10 +680,7 @@ async def _bind_tcp(address: Address, backlog: int) -> list[_GuardedListener]:
         for family, type_, proto, _, sockaddr in dict.fromkeys(infos):
             sock = _GuardedListener(family, type_, proto)
             sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                # One socket per family, as asyncio does: [::] must not also take IPv4.
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            prepare_tcp_listener(sock)
             sock.bind(sockaddr)
             sock.listen(backlog)
             sock.setblocking(False)
@@ -649,6 +689,19 @@ async def _bind_tcp(address: Address, backlog: int) -> list[_GuardedListener]:
             sock.close()
         raise
     return sockets
+
+
+def prepare_tcp_listener(sock: socket.socket) -> None:
+    """The options every TCP listening socket gets before it is bound."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if sock.family == socket.AF_INET6:
+        # One socket per family, as asyncio does: [::] must not also take IPv4.
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+
+
+def listen_error(transport: str, address: Address, exc: OSError) -> ListenError:
+    """The error for a listener that cannot be bound, naming the transport and address."""
+    return ListenError(exc.errno, f"cannot listen on {transport} {address}: {_reason(exc)}")
 
 
 def _open_file_limits() -> tuple[int, int] | None:
@@ -707,61 +760,102 @@ def _name(handler: object) -> str:
 EXIT_FORCED: Final = 1
 
 
-def run(config: Config | None = None, **settings: Any) -> int:
-    """Run a server in the foreground until SIGINT or SIGTERM; return the exit status 0.
+def ensure_no_running_loop() -> None:
+    """Raise :class:`RunInLoopError` where an event loop is already running."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # none running: the normal case
+        return
+    raise RunInLoopError(
+        "netframe.run() blocks until a signal, so it cannot run inside a running "
+        "event loop: use `async with netframe.Server(...)` there instead"
+    )
 
-    The blocking form of :class:`Server`, with the same arguments. It configures
-    structlog from ``config`` (``log_format``, ``log_level``) and runs on the event loop
-    ``config.loop`` names. The first signal starts a graceful shutdown; a second one
-    aborts every connection and exits at once with status 1.
+
+def run_in_process(config: Config | None = None, **settings: Any) -> int:
+    """:func:`netframe.run` for one worker: the server runs in this process.
+
+    Configures structlog from ``config`` (``log_format``, ``log_level``), runs on the
+    event loop ``config.loop`` names until SIGINT or SIGTERM and returns 0; a second
+    signal aborts every connection and exits at once with status 1.
 
     Raises:
         ConfigError, HandlerError, LoopUnavailable, ListenError, StartError: before
             serving starts.
         RunInLoopError: called inside a running event loop (use :class:`Server`).
     """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:  # none running: the normal case
-        pass
-    else:
-        raise RunInLoopError(
-            "netframe.run() blocks until a signal, so it cannot run inside a running "
-            "event loop: use `async with netframe.Server(...)` there instead"
-        )
+    ensure_no_running_loop()
     server = Server(config, **settings)
     config = server.config
     factory = loop_factory(config.loop)
     configure_logging(config.log_format, config.log_level)
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(_serve_until_signal(server, resolve_loop_name(config.loop)))
+            runner.run(serve_until_signal(server, resolve_loop_name(config.loop)))
     finally:
         flush_logs()
     return 0
 
 
-async def _serve_until_signal(server: Server, loop_name: str) -> None:
-    loop = asyncio.get_running_loop()
-    signals = 0
+class StopRequests:
+    """How a server run in the foreground answers requests to stop.
 
-    def on_signal(signum: int) -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            get_logger().info("stop_requested", signal=signal.Signals(signum).name)
-            server.stop()
+    The first request (a signal, or a worker's supervisor) starts the graceful stop; a
+    second signal aborts every connection, flushes the log and exits the process at
+    once with :data:`EXIT_FORCED`.
+    """
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._requested = False
+
+    def signal(self, signum: int) -> None:
+        """A stop signal: the first drains, the next forces."""
+        name = signal.Signals(signum).name
+        if self._requested:
+            self.force(signal=name)
+        else:
+            self.stop(signal=name)
+
+    def stop(self, **why: Any) -> None:
+        """Start the graceful stop, unless it has started already (then nothing)."""
+        if self._requested:
             return
-        get_logger().warning("shutdown_forced", signal=signal.Signals(signum).name)
-        server.abort()
+        self._requested = True
+        get_logger().info("stop_requested", **why)
+        self._server.stop()
+
+    def force(self, **why: Any) -> None:
+        """Abort every connection and exit the process now with status 1."""
+        get_logger().warning("shutdown_forced", **why)
+        self._server.abort()
         flush_logs(1.0)
         sys.stderr.flush()
         os._exit(EXIT_FORCED)
 
+
+async def serve_until_signal(
+    server: Server,
+    loop_name: str,
+    *,
+    signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM),
+    attach: Callable[[StopRequests], None] | None = None,
+    on_serving: Callable[[], None] | None = None,
+) -> None:
+    """Start ``server``, log ``serving``, serve until a stop request, then stop.
+
+    ``signals`` are the ones that request the stop; ``attach`` is handed the
+    :class:`StopRequests` before anything is bound (a worker connects its supervisor's
+    commands to it), and ``on_serving`` is called once the server serves.
+    """
+    loop = asyncio.get_running_loop()
+    requests = StopRequests(server)
     # Before binding: a signal that arrives while we start still means a clean stop.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
+    for signum in signals:
+        loop.add_signal_handler(signum, requests.signal, signum)
     try:
+        if attach is not None:
+            attach(requests)
         await server.start()
         lifecycle_logger().info(
             "serving",
@@ -770,7 +864,9 @@ async def _serve_until_signal(server: Server, loop_name: str) -> None:
             framing=server.config.framing,
             max_connections=server.max_connections,
         )
+        if on_serving is not None:
+            on_serving()
         await server.serve_forever()
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in signals:
             loop.remove_signal_handler(signum)
