@@ -405,6 +405,25 @@ def test_spawned_sessions(loop_name: str) -> None:
     assert_latency_ordered(result)
 
 
+def test_a_server_with_workers_is_measured_across_its_processes(loop_name: str) -> None:
+    result = bench(
+        scenario="greeting", spawn_args=("--loop", loop_name, "--workers", "2"), conns=16,
+        warmup_s=1.0,  # the workers start serving within it
+    )  # fmt: skip
+    assert_clean(result)
+    assert_server_cpu(result, 1)  # the workers' CPU, not the idle supervisor's alone
+    processes = result["server"]["processes"]
+    assert processes[0]["pid"] == result["server"]["pid"]  # the supervisor, then the rest
+    workers = [p for p in processes if p["connections"]]
+    # Each connection is held by one worker for the whole run; the kernel's hash spread
+    # them, so two workers hold some (never a fixed share).
+    assert sum(p["connections"] for p in processes) == 16
+    assert len(workers) == 2
+    assert all(p["cpu_s"] > 0 for p in workers)
+    rows = dict(summary_rows(result))
+    assert rows["server processes"].startswith("2 busy, cpu split ")
+
+
 def test_spawned_udp(loop_name: str) -> None:
     size = 64
     result = bench(scenario="udp", spawn_args=("--loop", loop_name), size=size, duration_s=0.5)

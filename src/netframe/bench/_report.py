@@ -48,6 +48,15 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     if server.get("cpu_us_per_op") is not None:
         rows.append(("server cpu/op", f"{server['cpu_us_per_op']:.2f} us"))
         rows.append(("server cpu", f"{server['cpu_s'] / window_s:.0%}"))
+    processes = server.get("processes")
+    if processes:  # a supervisor and its workers: how the work was spread
+        busy = [p for p in processes if p["cpu_s"] > 0 or p["connections"]]
+        total = sum(p["cpu_s"] for p in busy) or 1.0
+        split = " / ".join(f"{p['cpu_s'] / total:.0%}" for p in busy)
+        rows.append(("server processes", f"{len(busy)} busy, cpu split {split}"))
+        if any(p["connections"] for p in busy):
+            counts = " / ".join(str(p["connections"] or 0) for p in busy)
+            rows.append(("connections by process", counts))
     hold = result.get("hold")
     if hold:
         rows.append(("connections held", f"{hold['held']:,} of {hold['requested']:,}"))

@@ -277,11 +277,13 @@ def _measure(
         window_start = start_ns + int(options.warmup_s * 1e9)
         window_end = window_start + int(options.duration_s * 1e9)
         cpu_start = cpu_end = None
+        connections: dict[int, int] = {}
         interrupted = False
         try:
             cpu_start = _wait_and_read_cpu(
                 server, window_start, start_ns, counters, options, progress
             )
+            connections = _connections_by_process(server, target.port, cpu_start)
             cpu_end = _wait_and_read_cpu(server, window_end, start_ns, counters, options, progress)
         except KeyboardInterrupt:  # Ctrl+C: end the window now, and report what it holds
             interrupted = True
@@ -315,14 +317,20 @@ def _measure(
         figures["window_s"] = window_s
     figures["server"] = {
         "pid": pid,
-        "cpu_s": None if server is None else cpu_end - cpu_start,
+        "cpu_s": None if server is None else cpu_end[_TOTAL] - cpu_start[_TOTAL],
         "rss_idle_bytes": rss_idle,
         "rss_loaded_bytes": rss_loaded,
         "rss_end_bytes": rss_end,
     }
     ops = figures["ops"]
     if server is not None and ops:
-        figures["server"]["cpu_us_per_op"] = (cpu_end - cpu_start) / ops * 1e6
+        figures["server"]["cpu_us_per_op"] = (cpu_end[_TOTAL] - cpu_start[_TOTAL]) / ops * 1e6
+    if len(cpu_end) > 2:  # a supervisor and its workers (netframe serve --workers N)
+        figures["server"]["processes"] = [
+            {"pid": each, "cpu_s": cpu_end[each] - cpu_start.get(each, 0.0),
+             "connections": connections.get(each)}
+            for each in cpu_end if each != _TOTAL
+        ]  # fmt: skip
     if options.scenario == "hold":
         held = sum(r["held"] for r in results)
         # Held connections do nothing: there is no throughput or latency to report.
@@ -365,7 +373,7 @@ def _wait_and_read_cpu(
     counters: Any,
     options: BenchOptions,
     progress: Progress | None,
-) -> float:
+) -> dict[int, float]:
     total = options.warmup_s + options.duration_s
     while (now := time.monotonic_ns()) < until_ns:
         if progress is not None:
@@ -376,11 +384,46 @@ def _wait_and_read_cpu(
     return _read_cpu(server)
 
 
-def _read_cpu(server: psutil.Process | None) -> float:
+#: The key of the total in a CPU reading (no process has pid 0).
+_TOTAL: Final = 0
+
+
+def _read_cpu(server: psutil.Process | None) -> dict[int, float]:
+    """CPU seconds used so far, by pid: the server's and each of its descendants' (the
+    workers of ``netframe serve --workers N``), and under :data:`_TOTAL` all of them,
+    with descendants that have ended and been reaped."""
     if server is None:
-        return 0.0
+        return {_TOTAL: 0.0}
     times = server.cpu_times()
-    return float(times.user + times.system)
+    reading = {server.pid: times.user + times.system}
+    total = times.user + times.system
+    if server.pid != os.getpid():  # this process's own children are the load processes
+        total += times.children_user + times.children_system
+        for child in server.children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # it ended meanwhile
+                child_times = child.cpu_times()
+                reading[child.pid] = child_times.user + child_times.system
+                total += reading[child.pid]
+    reading[_TOTAL] = total
+    return reading
+
+
+def _connections_by_process(
+    server: psutil.Process | None, port: int, reading: dict[int, float]
+) -> dict[int, int]:
+    """Established TCP connections to ``port`` held by each process of a multi-process
+    server now: how the kernel spread them over its workers."""
+    if server is None or len(reading) <= 2:
+        return {}
+    counts = {}
+    for pid in reading:
+        with contextlib.suppress(psutil.Error):
+            counts[pid] = sum(
+                1
+                for conn in psutil.Process(pid).net_connections(kind="tcp")
+                if conn.status == psutil.CONN_ESTABLISHED and conn.laddr and conn.laddr.port == port
+            )
+    return counts
 
 
 def _combine(
