@@ -329,6 +329,27 @@ def test_a_worker_that_keeps_dying_at_start_makes_the_supervisor_give_up(
     assert server.matching("worker_stopped", index=2, status=0)  # the other drained
 
 
+def test_a_worker_sent_sigterm_drains_and_is_replaced(
+    supervised: Callable[..., Supervised],
+) -> None:
+    server = supervised("--tcp", "127.0.0.1:0")
+    for pid in server.pids().values():
+        # SIGINT ignored (Ctrl+C is the supervisor's), SIGTERM handled, not left blocked.
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        status = dict(line.split(":\t", 1) for line in lines)
+        assert int(status["SigIgn"], 16) & 1 << (signal.SIGINT - 1)
+        assert not int(status["SigBlk"], 16) & 1 << (signal.SIGTERM - 1)
+    old_pid = server.pids()["2"]
+    os.kill(old_pid, signal.SIGTERM)
+    server.wait_until(
+        "a replacement serves",
+        lambda: any(e["pid"] != old_pid for e in server.matching("worker_ready", index=2)),
+    )
+    assert server.matching("stop_requested", worker="2", signal="SIGTERM")
+    assert server.matching("worker_exited", index=2, status=0)
+    assert session(server.port("tcp"))[1] == b"Welcome!Hello, Bob!"
+
+
 def test_orphaned_workers_stop_when_the_supervisor_is_killed(
     supervised: Callable[..., Supervised],
 ) -> None:

@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Final
@@ -176,7 +177,10 @@ class Supervisor:
         )
         try:
             # Blocked signals stay blocked in the child: a Ctrl+C or SIGTERM that comes
-            # while it starts waits until it can handle them.
+            # while it starts waits until it can handle them. (The first start of a spawn
+            # process also starts multiprocessing's resource tracker, which unblocks both
+            # signals when it is done: start the tracker first.)
+            resource_tracker.ensure_running()
             with _signals_blocked():
                 process.start()
         except Exception as exc:  # out of processes or memory: as if it had died at once
