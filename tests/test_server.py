@@ -96,6 +96,16 @@ async def test_port_zero_reports_the_bound_ports() -> None:
         assert all(a.port > 0 for a in server.addresses)
 
 
+async def greet_bob_over_tcp_and_udp(server: Server) -> None:
+    """The tutorial's exchange with ``server``'s first TCP and first UDP listener."""
+    async with Client.connect(server) as client:
+        await client.expect(b"Welcome!")
+        await client.send(b"Bob\n")
+        await client.expect(b"Hello, Bob!\n")
+    async with await udp_client(server) as udp:
+        assert await udp.request(b"Bob") == b"Hello, Bob!"
+
+
 async def test_sockets_bound_elsewhere_are_served_in_place_of_addresses() -> None:
     listening = socket.create_server(("127.0.0.1", 0))
     port = listening.getsockname()[1]
@@ -106,12 +116,7 @@ async def test_sockets_bound_elsewhere_are_served_in_place_of_addresses() -> Non
     server = Server(tcp=["127.0.0.1:1"], udp=["127.0.0.1:1"], sockets=[listening, datagrams])
     async with server:
         assert {(a.transport, a.port) for a in server.addresses} == given
-        async with Client.connect(server) as client:
-            await client.expect(b"Welcome!")
-            await client.send(b"Bob\n")
-            await client.expect(b"Hello, Bob!\n")
-        async with await udp_client(server) as udp:
-            assert await udp.request(b"Bob") == b"Hello, Bob!"
+        await greet_bob_over_tcp_and_udp(server)
     # The server owned both and closed them.
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
@@ -128,12 +133,7 @@ async def test_a_socket_that_is_neither_stream_nor_datagram_is_refused() -> None
 async def test_ipv6_loopback_tcp_and_udp() -> None:
     async with serving(tcp=["[::1]:0"], udp=["[::1]:0"]) as server:
         assert server.address("tcp")[0] == "::1"
-        async with Client.connect(server) as client:
-            await client.expect(b"Welcome!")
-            await client.send(b"Bob\n")
-            await client.expect(b"Hello, Bob!\n")
-        async with await udp_client(server) as client:
-            assert await client.request(b"Bob") == b"Hello, Bob!"
+        await greet_bob_over_tcp_and_udp(server)
 
 
 async def test_other_encodings_such_as_gbk() -> None:

@@ -187,7 +187,7 @@ class Supervisor:
             ours.close()
             self._log.error("worker_start_failed", index=slot.index, error=str(exc))
             slot.failure = StartError(f"cannot start worker {slot.index}: {exc}")
-            slot.spawned_at = time.monotonic()
+            slot.spawned_at, slot.ready_at = time.monotonic(), None  # a death at start
             self._died(slot, None)
             return
         finally:
