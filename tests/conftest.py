@@ -63,13 +63,14 @@ def loop_name(request: pytest.FixtureRequest) -> str:
 class CliServer:
     """A ``python -m netframe serve`` subprocess, read through its JSON log on stderr."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], *, new_session: bool = False) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "netframe", "serve", "--log-format", "json", *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=new_session,  # a process group of its own, to signal whole
         )
         self.events: list[dict[str, Any]] = []
         self._changed = threading.Condition()

@@ -31,8 +31,8 @@ WAIT_S = 20.0
 class Supervised(CliServer):
     """A ``netframe serve --workers N`` subprocess and its log."""
 
-    def __init__(self, args: list[str], workers: int) -> None:
-        super().__init__(["--workers", str(workers), *args])
+    def __init__(self, args: list[str], workers: int, *, new_session: bool = False) -> None:
+        super().__init__(["--workers", str(workers), *args], new_session=new_session)
         self.workers = workers
 
     def matching(self, name: str, **fields: Any) -> list[dict[str, Any]]:
@@ -212,6 +212,29 @@ def test_a_stop_signal_drains_every_worker_and_exits_0(
     assert sum(e["closed"] for e in finished) == 8
     assert {e["index"] for e in server.matching("worker_stopped", status=0)} == {1, 2}
     assert server.matching("workers_stopped", status=0)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_whole_group_is_one_graceful_stop(
+    loop_name: str, signum: signal.Signals
+) -> None:
+    # What systemd's KillMode=control-group (SIGTERM) and a terminal's Ctrl+C (SIGINT) do:
+    # every process gets the signal, in no set order with the supervisor's own message.
+    server = Supervised(["--loop", loop_name, "--tcp", "127.0.0.1:0"], 2, new_session=True)
+    try:
+        server.wait_for("workers_ready", timeout_s=WAIT_S)
+        client = socket.create_connection(("127.0.0.1", server.port("tcp")), timeout=WAIT_S)
+        assert recv_exactly(client, 8) == b"Welcome!"
+        os.killpg(server.proc.pid, signum)
+        assert server.proc.wait(WAIT_S) == 0
+        assert client.recv(100) == b""
+        client.close()
+        server.stop()
+    finally:
+        server.kill()
+    assert not server.matching("shutdown_forced")
+    assert {e["worker"] for e in server.matching("shutdown_finished")} == {"1", "2"}
+    assert {e["index"] for e in server.matching("worker_stopped", status=0)} == {1, 2}
 
 
 def test_a_second_signal_forces_the_stop_with_status_1(

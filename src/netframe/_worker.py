@@ -58,7 +58,7 @@ def worker_main(spec: WorkerSpec) -> None:
                 serve_until_signal(
                     server,
                     resolve_loop_name(config.loop),
-                    signals=(signal.SIGTERM,),
+                    signals=(),  # SIGTERM is the link's: see _SupervisorLink.attach
                     attach=link.attach,
                     on_serving=link.ready,
                 )
@@ -84,6 +84,10 @@ class _SupervisorLink:
     def attach(self, requests: StopRequests) -> None:
         loop = asyncio.get_running_loop()
         loop.add_reader(self._conn.fileno(), self._command, loop, requests)
+        # SIGTERM only ever starts the graceful stop here, however often it comes: the
+        # whole group gets one from systemd or `kill -TERM -PGID`, and the supervisor's
+        # own "stop" may come before or after it. Forcing is the supervisor's to say.
+        loop.add_signal_handler(signal.SIGTERM, lambda: requests.stop(signal="SIGTERM"))
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # handled from here on
 
     def _command(self, loop: asyncio.AbstractEventLoop, requests: StopRequests) -> None:
