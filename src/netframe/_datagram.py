@@ -17,7 +17,7 @@ import contextlib
 import socket
 from typing import Any, Final
 
-__all__ = ["open_datagram_endpoint"]
+__all__ = ["open_datagram_endpoint", "serve_datagram_socket"]
 
 #: Datagrams read per wake-up of the loop: enough to keep up with a flood, few enough
 #: that one busy listener cannot starve the rest of the loop.
@@ -117,6 +117,15 @@ async def open_datagram_endpoint(
     except BaseException:
         sock.close()
         raise
+    return await serve_datagram_socket(protocol, sock, max_datagram_bytes=max_datagram_bytes)
+
+
+async def serve_datagram_socket(
+    protocol: asyncio.DatagramProtocol, sock: socket.socket, *, max_datagram_bytes: int
+) -> asyncio.DatagramTransport:
+    """Serve a bound, non-blocking UDP socket (one of ours, or one handed over by
+    systemd) with ``protocol``, on the transport that suits the running loop."""
+    loop = asyncio.get_running_loop()
     if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
         return BatchedDatagramTransport(loop, sock, protocol, max_datagram_bytes + 1)
     transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)

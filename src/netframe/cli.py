@@ -16,18 +16,27 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from netframe._interactive import InputError, encode, interact_tcp, interact_udp, show
+from netframe._interactive import (
+    InputError,
+    encode,
+    interact_tcp,
+    interact_udp,
+    open_stream,
+    show,
+)
 from netframe._version import __version__
-from netframe.client import ClientError, TcpClient, UdpClient
+from netframe.client import ClientError, UdpClient
 from netframe.config import (
     FRAMINGS,
     LOOPS,
+    REPEATABLE_KINDS,
     Address,
     Config,
     ConfigError,
     Setting,
     default_text,
     parse_address,
+    parse_unix_path,
     settings,
 )
 from netframe.handlers import HandlerError
@@ -74,6 +83,22 @@ def _address(text: str) -> Address:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _target(text: str) -> Address | str:
+    """A server to connect to: ``HOST:PORT``, or a Unix socket as ``unix:PATH`` or any
+    path with a ``/`` in it (which no ``HOST:PORT`` has): ``./app.sock``, ``/run/x``."""
+    try:
+        if text.startswith("unix:"):
+            return parse_unix_path(text.removeprefix("unix:"))
+        if "/" in text:
+            return parse_unix_path(text)
+        return parse_address(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_target.__name__ = "address"  # argparse names it in "invalid address value"
+
+
 def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
     def parse(text: str) -> float:
         try:
@@ -91,7 +116,7 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per :class:`Config` setting, made from the setting's own definition."""
     for name, setting in settings().items():
-        repeatable = setting.kind in ("addresses", "ports")
+        repeatable = setting.kind in REPEATABLE_KINDS
         parser.add_argument(
             setting.flag,
             dest=name,
@@ -147,7 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the replies as they arrive, like nc.",
     )
     # Optional to argparse only so that its message names what is missing: HOST:PORT.
-    client.add_argument("address", type=_address, metavar="HOST:PORT", nargs="?")
+    client.add_argument(
+        "address",
+        type=_target,
+        metavar="HOST:PORT",
+        nargs="?",
+        help="the server: HOST:PORT, or a Unix socket as unix:PATH or a path with a / "
+        "(./app.sock, /run/app.sock)",
+    )
     client.add_argument(
         "names",
         nargs="*",
@@ -233,6 +265,11 @@ def _client(args: argparse.Namespace) -> int:
             "argument -i/--interactive: not allowed with NAME arguments (see --help)",
             EXIT_USAGE,
         )
+    if args.udp and isinstance(args.address, str):
+        return _fail(
+            f"argument --udp: needs HOST:PORT, not the Unix socket {args.address} (see --help)",
+            EXIT_USAGE,
+        )
     try:
         factory = loop_factory(args.loop)
         Config(encoding=args.encoding)  # validates the encoding name
@@ -263,10 +300,7 @@ def _client(args: argparse.Namespace) -> int:
 
 
 async def _talk_tcp(args: argparse.Namespace, names: Sequence[str]) -> None:
-    address: Address = args.address
-    async with await TcpClient.connect(
-        address.host, address.port, framing=args.framing, timeout_s=args.timeout_s
-    ) as client:
+    async with await open_stream(args) as client:
         if not args.no_greeting:
             show(await client.receive(), args.encoding)
         for name in names:

@@ -35,6 +35,7 @@ __all__ = [
     "LoopName",
     "Setting",
     "parse_address",
+    "parse_unix_path",
     "settings",
     "settings_markdown",
 ]
@@ -124,6 +125,48 @@ def _is_host(host: str) -> bool:
     return True
 
 
+#: The longest path a Unix socket can be bound to: ``sun_path`` holds 108 bytes on Linux,
+#: the last of which ends the string (104 on the BSDs and macOS).
+MAX_UNIX_PATH_BYTES: Final = 107
+
+
+def parse_unix_path(text: str) -> str:
+    """Check the path of a Unix-domain socket to listen on or connect to; return it.
+
+    Raises:
+        ConfigError: with a one-line reason: empty, not text, a NUL byte, a name in
+            Linux's abstract namespace (``@name``, not served), or longer than a socket
+            address holds.
+    """
+    if not isinstance(text, str) or not text:
+        raise ConfigError(f"a Unix socket path must be a non-empty string, not {text!r}")
+    if "\0" in text:
+        raise ConfigError(f"Unix socket path {text!r} holds a NUL byte")
+    if text.startswith("@"):
+        raise ConfigError(
+            f"Unix socket path {text!r}: abstract-namespace sockets (@name) are not served; "
+            "give a file path (./@name for a file of that name)"
+        )
+    size = len(os.fsencode(text))
+    if size > MAX_UNIX_PATH_BYTES:
+        raise ConfigError(
+            f"Unix socket path {text!r} is {size} bytes; a socket address holds at most "
+            f"{MAX_UNIX_PATH_BYTES} (use a shorter path, or a relative one)"
+        )
+    return text
+
+
+def _file_mode(text: str) -> int:
+    """``660``, ``0660`` or ``0o660`` -> 0o660."""
+    digits = text.strip().lower().removeprefix("0o")
+    if not digits or any(c not in "01234567" for c in digits):
+        raise ConfigError(f"{text!r} is not an octal file mode like 660")
+    mode = int(digits, 8)
+    if mode > 0o777:
+        raise ConfigError(f"{text!r} is not a file mode: at most 777 (rwx for all)")
+    return mode
+
+
 def _addresses(value: Sequence[str | Address] | None) -> tuple[Address, ...]:
     if value is None:
         return ()
@@ -132,9 +175,14 @@ def _addresses(value: Sequence[str | Address] | None) -> tuple[Address, ...]:
     return tuple(a if isinstance(a, Address) else parse_address(a) for a in value)
 
 
+#: Setting kinds whose flag may be given several times; the field holds a tuple.
+REPEATABLE_KINDS: Final = frozenset({"addresses", "ports", "paths"})
+
 Kind: TypeAlias = Literal[
     "addresses",
     "ports",
+    "paths",
+    "mode",
     "text",
     "choice",
     "framing",
@@ -163,7 +211,8 @@ class Setting:
     why: str
     #: What values are allowed: ``count`` (whole number >= 1), ``count0`` (>= 0, 0 = off),
     #: ``seconds`` (> 0), ``seconds0`` (>= 0, 0 = off), ``auto_count`` (``auto`` or a
-    #: count), ``choice``, ``text``, ``addresses`` and ``ports`` (repeatable).
+    #: count), ``choice``, ``text``, ``mode`` (an octal file mode), and ``addresses``,
+    #: ``ports`` and ``paths`` (repeatable).
     kind: Kind
     choices: tuple[str, ...] = ()
     metavar: str | None = None
@@ -181,6 +230,10 @@ class Setting:
             return parse_address(text)
         if kind == "ports":
             return _whole(text, 1, 65535)
+        if kind == "paths":
+            return parse_unix_path(text)
+        if kind == "mode":
+            return _file_mode(text)
         if kind in ("count", "count0"):
             return _whole(text, 1 if kind == "count" else 0, self.upper)
         if kind == "auto_count":
@@ -220,6 +273,16 @@ class Setting:
                 raise ConfigError(f"{name} must be {least} seconds, not {value!r}")
             if value > MAX_SECONDS:
                 raise ConfigError(f"{name} must be at most a year, not {value!r}")
+        elif kind == "paths":
+            for path in value:
+                try:
+                    parse_unix_path(path)
+                except ConfigError as exc:
+                    raise ConfigError(f"{name}: {exc}") from None
+        elif kind == "mode":
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
+                shown = oct(value) if isinstance(value, int) else repr(value)
+                raise ConfigError(f"{name} must be a file mode from 0o000 to 0o777, not {shown}")
         elif kind == "ports":
             for port in value:
                 if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
@@ -267,9 +330,10 @@ def _setting(default: Any, flag: str, help: str, why: str, kind: Kind, **more: A
 class Config:
     """Everything a server needs to know, validated once when it is built.
 
-    Listeners: when neither ``tcp`` nor ``udp`` is given, the server listens on both at
-    127.0.0.1:9999 as the tutorial's server does; giving either replaces that default
-    set, so ``Config(tcp=["[::1]:0"])`` listens on TCP only. Addresses may be strings
+    Listeners: when none of ``tcp``, ``udp`` and ``unix`` is given, the server listens on
+    TCP and UDP at 127.0.0.1:9999 as the tutorial's server does; giving any of them
+    replaces that default set, so ``Config(tcp=["[::1]:0"])`` listens on TCP only and
+    ``Config(unix=["/run/app.sock"])`` on that socket only. Addresses may be strings
     (``"127.0.0.1:9999"``, ``"[::1]:0"``) or :class:`Address` objects.
 
     Each field is one setting; :func:`settings` lists them with their flags and the
@@ -288,6 +352,19 @@ class Config:
     udp: Sequence[str | Address] | None = _setting(
         None, "--udp", "listen on UDP here (repeatable)",
         "the same address as TCP, as in the tutorial", "addresses", metavar="HOST:PORT",
+    )  # fmt: skip
+    unix: Sequence[str] = _setting(
+        (), "--unix",
+        "listen on a Unix-domain stream socket at this path (repeatable); served like TCP",
+        "for clients on the same machine (a local proxy, a sidecar): no port to allocate, "
+        "and file permissions decide who may connect", "paths", metavar="PATH",
+    )  # fmt: skip
+    unix_mode: int = _setting(
+        0o660, "--unix-mode",
+        "permissions of the Unix socket files the server creates, in octal",
+        "owner and group may connect, others may not, as Docker's socket is set; add the "
+        "clients' user to the service's group, or use 666 for every local user", "mode",
+        metavar="OCTAL",
     )  # fmt: skip
     handler: HandlerSpec = _setting(
         "greeting", "--handler", "greeting, echo, or module:attribute",
@@ -454,14 +531,16 @@ class Config:
     def __post_init__(self) -> None:
         tcp: tuple[Address, ...]
         udp: tuple[Address, ...]
-        if self.tcp is None and self.udp is None:
+        unix = (self.unix,) if isinstance(self.unix, str) else tuple(self.unix or ())
+        object.__setattr__(self, "unix", unix)
+        if not self.listeners_given:
             tcp = udp = (Address(DEFAULT_HOST, DEFAULT_PORT),)
         else:
             tcp, udp = _addresses(self.tcp), _addresses(self.udp)
         object.__setattr__(self, "tcp_addresses", tcp)
         object.__setattr__(self, "udp_addresses", udp)
-        if not self.tcp_addresses and not self.udp_addresses:
-            raise ConfigError("no listeners: give at least one tcp or udp address")
+        if not self.tcp_addresses and not self.udp_addresses and not unix:
+            raise ConfigError("no listeners: give at least one tcp, udp or unix address")
         object.__setattr__(self, "log_level", str(self.log_level).lower())
         object.__setattr__(self, "udp_allow_ports", tuple(self.udp_allow_ports))
         for name, setting in _SETTINGS.items():
@@ -480,6 +559,13 @@ class Config:
                 "write_buffer_low_bytes (--write-buffer-low) must not be above "
                 "write_buffer_high_bytes (--write-buffer)"
             )
+
+    @property
+    def listeners_given(self) -> bool:
+        """Whether any of ``tcp``, ``udp`` and ``unix`` was given; if none was, the
+        default set (TCP and UDP at 127.0.0.1:9999) applies, unless the server is handed
+        listening sockets instead (see :class:`~netframe.Server`)."""
+        return self.tcp is not None or self.udp is not None or bool(self.unix)
 
     def replace(self, **changes: Any) -> Config:
         """Return a copy with ``changes`` applied and validated again."""
@@ -529,6 +615,8 @@ def default_text(name: str) -> str:
     value = _DEFAULTS[name]
     if value is None:
         return "auto" if setting.kind == "auto_count" else "127.0.0.1:9999 (TCP and UDP)"
+    if setting.kind == "mode":
+        return f"{value:04o}"
     if value == () or (value == 0 and setting.kind in ("count0", "seconds0")):
         return "off" if value == 0 else "none"
     if isinstance(value, float) and value.is_integer():

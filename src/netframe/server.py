@@ -32,13 +32,14 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Literal
 
-from netframe._datagram import open_datagram_endpoint
+from netframe._datagram import open_datagram_endpoint, serve_datagram_socket
 from netframe._endpoint import TICK_S, EndpointContext
 from netframe._errors import Error
+from netframe._unix import FileIdentity, bind_unix_listener, remove_socket_file, unix_address
 from netframe.config import Address, Config, ConfigError
 from netframe.framing import make_framer
 from netframe.handlers import HandlerError, resolve_handler
@@ -65,13 +66,19 @@ class ListenError(Error, OSError):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class BoundAddress:
-    """An address a server is actually listening on (port 0 resolved to the real port)."""
+    """An address a server is actually listening on (port 0 resolved to the real port).
+
+    ``transport`` is ``tcp``, ``udp`` or ``unix``; for ``unix``, ``host`` is the socket's
+    path and ``port`` is 0.
+    """
 
     transport: str
     host: str
     port: int
 
     def __str__(self) -> str:
+        if self.transport == "unix":
+            return f"unix {self.host}"
         return f"{self.transport} {Address(self.host, self.port)}"
 
 
@@ -80,11 +87,19 @@ class Server:
 
     Args:
         config: the settings; ``None`` means :class:`Config` defaults.
+        sockets: listening sockets made elsewhere (handed over by systemd, see
+            :mod:`netframe.systemd`, or by a supervisor process) to serve as well: TCP
+            and Unix stream sockets that listen, and bound UDP sockets, told apart by
+            their family and type. The server owns them from then on and closes them
+            when it stops; it never removes the file of a Unix socket it did not bind.
+            When any are given and none of ``tcp``, ``udp`` and ``unix`` is, the default
+            listeners (127.0.0.1:9999) are not bound.
         **settings: any :class:`Config` field, applied on top of ``config``
             (``Server(handler=MyHandler, tcp=["127.0.0.1:0"])``).
 
     Raises:
-        ConfigError: a setting is invalid.
+        ConfigError: a setting is invalid, or one of ``sockets`` cannot be served (a
+            stream socket that does not listen, a Unix datagram socket, ...).
         HandlerError: the handler cannot be found.
 
     The handler is resolved when the server is built, so a wrong name fails here, not
@@ -92,12 +107,19 @@ class Server:
     :func:`run` and the command line configure it from ``config``.
     """
 
-    def __init__(self, config: Config | None = None, **settings: Any) -> None:
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        sockets: Iterable[socket.socket] = (),
+        **settings: Any,
+    ) -> None:
         if config is None:
             config = Config(**settings)
         elif settings:
             config = config.replace(**settings)
         self.config = config
+        self._handed_over = [(listener_kind(sock), sock) for sock in sockets]
         self._handler_factory = resolve_handler(config.handler)
         self._hooks_started = False
         try:
@@ -118,6 +140,8 @@ class Server:
         self._udp_transports: list[asyncio.DatagramTransport] = []
         self._udp_endpoints: list[UdpEndpoint] = []
         self._addresses: list[BoundAddress] = []
+        # The socket files this server bound, removed when it stops (if still its own).
+        self._unix_files: list[tuple[str, FileIdentity]] = []
         self._tick_handle: asyncio.TimerHandle | None = None
         self._ticks = 0
         # Events bind to a loop on first wait (3.10+), so this may be made before one runs.
@@ -143,7 +167,7 @@ class Server:
 
     @property
     def connection_count(self) -> int:
-        """How many TCP connections are open now."""
+        """How many stream connections (TCP and Unix) are open now."""
         return len(self._ctx.connections) if self._ctx else 0
 
     @property
@@ -172,12 +196,20 @@ class Server:
             if self._stopped:  # close() came while on_start ran: bind nothing, undo it
                 await self._stop_hook()
                 return
-            for address in self.config.tcp_addresses:
-                await self._listen_tcp(ctx, address)
-            for address in self.config.udp_addresses:
-                await self._listen_udp(ctx, address)
+            # Sockets handed over replace the default listeners, not the ones asked for.
+            if self.config.listeners_given or not self._handed_over:
+                for address in self.config.tcp_addresses:
+                    await self._listen_tcp(ctx, address)
+                for address in self.config.udp_addresses:
+                    await self._listen_udp(ctx, address)
+            for path in self.config.unix:
+                await self._listen_unix(ctx, path)
+            for kind, sock in self._handed_over:
+                await self._adopt(ctx, kind, sock)
         except BaseException:
             self._close_listeners()
+            for _, sock in self._handed_over:  # those not served yet
+                sock.close()
             self._addresses.clear()
             self._ctx = None
             await self._stop_hook()
@@ -397,57 +429,123 @@ class Server:
         return budget
 
     async def _listen_tcp(self, ctx: EndpointContext, address: Address) -> None:
-        loop = asyncio.get_running_loop()
-        backlog = self.config.backlog
         try:
-            sockets = await _bind_tcp(address, backlog)
-            for sock in sockets:
-                sock.on_shed = lambda: ctx.refused("no_file_descriptors")
-                if isinstance(loop, asyncio.BaseEventLoop):  # its accept calls sock.accept
-                    # The buffered read path on the standard loop (see BufferedTcpEndpoint);
-                    # on uvloop the two paths measure the same, and the plain one is simpler.
-                    server = await loop.create_server(
-                        lambda: BufferedTcpEndpoint(ctx), sock=sock, backlog=backlog
-                    )
-                    self._tcp_servers.append(server)
-                else:
-                    listener = _UvListener(sock, lambda: TcpEndpoint(ctx), backlog)
-                    await listener.serve()
-                    self._uv_listeners.append(listener)
+            for sock in await _bind_tcp(address, self.config.backlog):
+                await self._serve_stream(ctx, sock, "tcp")
                 self._bound("tcp", sock)
         except OSError as exc:
             raise ListenError(
                 exc.errno, f"cannot listen on tcp {address}: {_reason(exc)}"
             ) from None
 
-    async def _listen_udp(self, ctx: EndpointContext, address: Address) -> None:
+    async def _listen_unix(self, ctx: EndpointContext, path: str) -> None:
+        mode = self.config.unix_mode
+        try:
+            bound = bind_unix_listener(
+                path, mode, self.config.backlog,
+                lambda: _GuardedListener(socket.AF_UNIX, socket.SOCK_STREAM, 0),
+            )  # fmt: skip
+            self._unix_files.append((bound.path, bound.identity))
+            if bound.replaced_stale:
+                self._log.warning("stale_socket_replaced", path=bound.path)
+            await self._serve_stream(ctx, bound.sock, "unix")
+        except OSError as exc:
+            raise ListenError(exc.errno, f"cannot listen on unix {path}: {_reason(exc)}") from None
+        self._bound("unix", bound.sock, path=bound.path, mode=f"{mode:04o}")
+
+    async def _serve_stream(
+        self, ctx: EndpointContext, sock: _GuardedListener, network: Literal["tcp", "unix"]
+    ) -> None:
+        """Accept connections on a listening stream socket (closed if that fails)."""
+        loop = asyncio.get_running_loop()
+        backlog = self.config.backlog
+        sock.on_shed = lambda: ctx.refused("no_file_descriptors")
+        try:
+            if isinstance(loop, asyncio.BaseEventLoop):  # its accept calls sock.accept
+                # The buffered read path on the standard loop (see BufferedTcpEndpoint);
+                # on uvloop the two paths measure the same, and the plain one is simpler.
+                server = await loop.create_server(
+                    lambda: BufferedTcpEndpoint(ctx, network), sock=sock, backlog=backlog
+                )
+                self._tcp_servers.append(server)
+            else:
+                listener = _UvListener(sock, lambda: TcpEndpoint(ctx, network), backlog)
+                await listener.serve()
+                self._uv_listeners.append(listener)
+        except BaseException:
+            sock.close()
+            raise
+
+    async def _listen_udp(
+        self, ctx: EndpointContext, address: Address | None, sock: socket.socket | None = None
+    ) -> None:
+        """Listen on UDP at ``address``, or serve ``sock``, a bound socket handed over."""
         try:
             handler = ctx.handler_factory()  # one per listener, made where errors are clear
         except Exception as exc:
             raise HandlerError(f"the handler factory failed: {exc!r}") from exc
         endpoint = UdpEndpoint(ctx, handler)
+        config = self.config
+        where = address if sock is None else _handed_over_name(sock)
         try:
-            transport = await open_datagram_endpoint(
-                endpoint,
-                address.host,
-                address.port,
-                max_datagram_bytes=self.config.udp_max_datagram_bytes,
-                receive_buffer_bytes=self.config.udp_receive_buffer_bytes,
-            )
+            if sock is not None:
+                transport = await serve_datagram_socket(
+                    endpoint, sock, max_datagram_bytes=config.udp_max_datagram_bytes
+                )
+            else:
+                assert address is not None
+                transport = await open_datagram_endpoint(
+                    endpoint,
+                    address.host,
+                    address.port,
+                    max_datagram_bytes=config.udp_max_datagram_bytes,
+                    receive_buffer_bytes=config.udp_receive_buffer_bytes,
+                )
         except OSError as exc:
-            raise ListenError(
-                exc.errno, f"cannot listen on udp {address}: {_reason(exc)}"
-            ) from None
+            raise ListenError(exc.errno, f"cannot listen on udp {where}: {_reason(exc)}") from None
         self._udp_transports.append(transport)
         self._udp_endpoints.append(endpoint)
-        self._bound("udp", transport.get_extra_info("socket"))
+        if sock is None:
+            self._bound("udp", transport.get_extra_info("socket"))
 
-    def _bound(self, transport: str, sock: Any) -> None:
-        host, port = sock.getsockname()[:2]
+    async def _adopt(self, ctx: EndpointContext, kind: str, sock: socket.socket) -> None:
+        """Serve a listening socket handed over (by systemd, or a supervisor)."""
+        fd = sock.fileno()
+        sock.setblocking(False)
+        if kind == "udp":
+            await self._listen_udp(ctx, None, sock)
+            self._bound("udp", sock, fd=fd)
+            return
+        where = _handed_over_name(sock)
+        try:
+            # The same guarded accept as the sockets the server binds itself.
+            listener = _GuardedListener(sock.family, sock.type, sock.proto, sock.detach())
+            await self._serve_stream(ctx, listener, "unix" if kind == "unix" else "tcp")
+        except OSError as exc:
+            reason = _reason(exc)
+            raise ListenError(exc.errno, f"cannot listen on {kind} {where}: {reason}") from None
+        self._bound(kind, listener, fd=fd)
+
+    def _bound(self, transport: str, sock: Any, **fields: Any) -> None:
+        name = sock.getsockname()
+        if isinstance(name, str | bytes):  # a Unix socket: its path
+            path = fields.pop("path", None) or unix_address(name).path
+            self._addresses.append(BoundAddress(transport, path, 0))
+            lifecycle_logger().info("listening", transport=transport, path=path, **fields)
+            return
+        host, port = name[:2]
         self._addresses.append(BoundAddress(transport, host, port))
-        lifecycle_logger().info("listening", transport=transport, host=host, port=port)
+        lifecycle_logger().info("listening", transport=transport, host=host, port=port, **fields)
 
     def _close_listeners(self) -> None:
+        # The socket files first: a server started meanwhile binds the path without
+        # having to find it stale, and new clients are told it is gone.
+        for path, identity in self._unix_files:
+            try:
+                remove_socket_file(path, identity)
+            except OSError as exc:
+                self._log.warning("unix_socket_not_removed", path=path, error=_reason(exc))
+        self._unix_files.clear()
         for server in self._tcp_servers:
             server.close()
         for transport in self._udp_transports:
@@ -481,8 +579,8 @@ class _GuardedListener(socket.socket):
 
     __slots__ = ("_backoff_until", "_spare", "on_shed")
 
-    def __init__(self, family: int, type: int, proto: int) -> None:
-        super().__init__(family, type, proto)
+    def __init__(self, family: int, type: int, proto: int, fileno: int | None = None) -> None:
+        super().__init__(family, type, proto, fileno)
         self._spare: int | None = _open_spare()
         self._backoff_until = 0.0
         self.on_shed: Any = None
@@ -617,6 +715,38 @@ class _UvListener:
         if self._server is not None:
             self._server.close()
         self.sock.close()
+
+
+def listener_kind(sock: socket.socket) -> Literal["tcp", "udp", "unix"]:
+    """What a socket made elsewhere serves, told by its family and type.
+
+    Raises:
+        ConfigError: a socket netframe cannot serve, with the reason in one line.
+    """
+    family, kind = sock.family, sock.type
+    what = f"descriptor {sock.fileno()}"
+    if kind == socket.SOCK_STREAM and family in _STREAM_FAMILIES:
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ConfigError(
+                f"{what} is a stream socket that does not listen (a socket unit with "
+                "Accept=yes hands over connections; netframe needs Accept=no)"
+            )
+        return "unix" if family == socket.AF_UNIX else "tcp"
+    if kind == socket.SOCK_DGRAM and family in (socket.AF_INET, socket.AF_INET6):
+        return "udp"
+    family_name = getattr(family, "name", str(family))
+    kind_name = getattr(kind, "name", str(kind))
+    raise ConfigError(
+        f"{what} is a {family_name} {kind_name} socket: netframe serves TCP and UDP "
+        "sockets and Unix stream sockets"
+    )
+
+
+_STREAM_FAMILIES: Final = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
+
+
+def _handed_over_name(sock: socket.socket) -> str:
+    return f"descriptor {sock.fileno()} (handed over)"
 
 
 def _open_spare() -> int | None:

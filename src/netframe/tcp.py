@@ -46,8 +46,10 @@ from netframe._endpoint import (
     error_reply,
     format_peer,
 )
+from netframe._unix import limit_key, unix_address
 from netframe.framing import LF, Message
-from netframe.handlers import CloseReason, Handler, InetAddress, PeerAddress, TlsInfo, UnixAddress
+from netframe.handlers import CloseReason, Handler, InetAddress, PeerAddress, TlsInfo
+from netframe.handlers._interface import Network
 
 __all__ = ["BufferedTcpEndpoint", "TcpEndpoint"]
 
@@ -124,15 +126,17 @@ class TcpEndpoint(asyncio.Protocol):
         "id",
         "messages_in",
         "messages_out",
+        "network",
     )
 
-    network: Final = "tcp"
     #: No TLS and no PROXY protocol yet: these are where they will appear.
     tls: Final[TlsInfo | None] = None
     via: Final[PeerAddress | None] = None
 
-    def __init__(self, ctx: EndpointContext) -> None:
+    def __init__(self, ctx: EndpointContext, network: Network = "tcp") -> None:
         self._ctx = ctx
+        #: ``"tcp"``, or ``"unix"`` on a Unix-domain listener (the same endpoint serves both).
+        self.network = network
         self._framer = framer = ctx.framer_factory()
         # The framer's reply encoding if it has its own; else a reply is payload + ending.
         self._encode = framer.encode if ctx.framer_encodes else None
@@ -194,7 +198,8 @@ class TcpEndpoint(asyncio.Protocol):
         limit = ctx.config.max_per_ip
         if limit:
             peer = self.peer
-            self._ip = ip = peer.host if isinstance(peer, InetAddress) else ""
+            # A Unix peer counts under its user id (see netframe._unix.limit_key).
+            self._ip = ip = peer.host if isinstance(peer, InetAddress) else limit_key(peer)
             if ctx.per_ip.get(ip, 0) >= limit:
                 self._refuse(TOO_MANY_FROM_IP_REPLY, CloseReason.MAX_PER_IP)
                 return
@@ -209,7 +214,7 @@ class TcpEndpoint(asyncio.Protocol):
             ctx.arrivals.append(self)  # into the wheel at the next tick, if still open
         if ctx.info:
             if (fast := ctx.connection_log) is not None:
-                fast.opened("tcp", format_peer(self.peer), self.id)
+                fast.opened(self.network, format_peer(self.peer), self.id)
             else:
                 self.log.info("connection_opened")
         self._batch = []
@@ -330,7 +335,7 @@ class TcpEndpoint(asyncio.Protocol):
             self.messages_out,
         )
         if (fast := ctx.connection_log) is not None:
-            fast.closed("tcp", format_peer(self.peer), self.id, *fields)
+            fast.closed(self.network, format_peer(self.peer), self.id, *fields)
         else:
             self.log.info("connection_closed", **dict(zip(_CLOSED_FIELDS, fields, strict=True)))
 
@@ -367,12 +372,15 @@ class TcpEndpoint(asyncio.Protocol):
         return self._local
 
     def _address(self, name: str) -> PeerAddress | None:
+        transport = self._transport
         try:
-            raw = self._transport.get_extra_info(name) if self._transport else None
+            raw = transport.get_extra_info(name) if transport else None
         except OSError:  # uvloop asks the socket, which may be closed already
             return None
         if isinstance(raw, str | bytes):  # AF_UNIX: a path, empty for an unnamed end
-            return UnixAddress(raw if isinstance(raw, str) else raw.decode(errors="replace"))
+            # The peer's process credentials come with it (netframe._unix).
+            sock = transport.get_extra_info("socket") if name == "peername" and transport else None
+            return unix_address(raw, sock)
         return InetAddress.from_sockaddr(raw)
 
     @property
@@ -380,7 +388,7 @@ class TcpEndpoint(asyncio.Protocol):
         """This connection's logger: ``transport``, ``peer`` and ``conn`` bound."""
         if self._log is None:
             self._log = self._ctx.log.bind(
-                transport="tcp", peer=format_peer(self.peer), conn=self.id
+                transport=self.network, peer=format_peer(self.peer), conn=self.id
             )
         return self._log
 
