@@ -63,13 +63,23 @@ def loop_name(request: pytest.FixtureRequest) -> str:
 class CliServer:
     """A ``python -m netframe serve`` subprocess, read through its JSON log on stderr."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        pass_fds: tuple[int, ...] = (),
+        launcher: tuple[str, ...] = (),
+    ) -> None:
+        """``env`` is added to this process's environment; ``launcher`` is a command
+        that runs the server's command line (given as its arguments) itself."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "netframe", "serve", "--log-format", "json", *args],
+            [*launcher, sys.executable, "-m", "netframe", "serve", "--log-format", "json", *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            pass_fds=pass_fds,
         )
         self.events: list[dict[str, Any]] = []
         self._changed = threading.Condition()

@@ -46,6 +46,7 @@ from netframe.handlers import HandlerError, resolve_handler
 from netframe.limits import connection_budget
 from netframe.logs import configure_logging, flush_logs, get_logger, lifecycle_logger
 from netframe.loops import loop_factory, resolve_loop_name
+from netframe.systemd import Handover, take
 from netframe.tcp import BufferedTcpEndpoint, TcpEndpoint
 from netframe.udp import UdpEndpoint
 
@@ -845,6 +846,11 @@ def run(config: Config | None = None, **settings: Any) -> int:
     ``config.loop`` names. The first signal starts a graceful shutdown; a second one
     aborts every connection and exits at once with status 1.
 
+    Under systemd (see :mod:`netframe.systemd`) it serves the sockets a socket unit hands
+    over (in place of the default listeners), reports ``READY=1`` once every listener is
+    bound and ``on_start`` has run, ``STOPPING=1`` when the stop begins, and feeds the
+    watchdog when the unit has one.
+
     Raises:
         ConfigError, HandlerError, LoopUnavailable, ListenError, StartError: before
             serving starts.
@@ -859,21 +865,30 @@ def run(config: Config | None = None, **settings: Any) -> int:
             "netframe.run() blocks until a signal, so it cannot run inside a running "
             "event loop: use `async with netframe.Server(...)` there instead"
         )
-    server = Server(config, **settings)
+    handover = take()  # systemd's variables, read once and removed for child processes
+    server = Server(config, sockets=[handed.sock for handed in handover.sockets], **settings)
     config = server.config
     factory = loop_factory(config.loop)
     configure_logging(config.log_format, config.log_level)
+    if handover.sockets:
+        get_logger().info(
+            "sockets_handed_over",
+            fds=[handed.fd for handed in handover.sockets],
+            names=[handed.name for handed in handover.sockets],
+        )
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(_serve_until_signal(server, resolve_loop_name(config.loop)))
+            runner.run(_serve_until_signal(server, resolve_loop_name(config.loop), handover))
     finally:
         flush_logs()
     return 0
 
 
-async def _serve_until_signal(server: Server, loop_name: str) -> None:
+async def _serve_until_signal(server: Server, loop_name: str, handover: Handover) -> None:
     loop = asyncio.get_running_loop()
     signals = 0
+    notify = handover.notify
+    watchdog = handover.watchdog()
 
     def on_signal(signum: int) -> None:
         nonlocal signals
@@ -888,11 +903,25 @@ async def _serve_until_signal(server: Server, loop_name: str) -> None:
         sys.stderr.flush()
         os._exit(EXIT_FORCED)
 
+    async def announce_stop() -> None:
+        await server._stop_requested.wait()  # set as any stop begins
+        if notify is not None:
+            notify.stopping("Stopping: finishing open connections")
+
     # Before binding: a signal that arrives while we start still means a clean stop.
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
+    if watchdog is not None:  # from the start: a start that hangs is a hung service too
+        watchdog.start()
+    stopping = loop.create_task(announce_stop())
     try:
-        await server.start()
+        try:
+            await server.start()
+        except Exception as exc:
+            if notify is not None:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                notify.status(f"Failed to start: {reason}")
+            raise
         lifecycle_logger().info(
             "serving",
             loop=loop_name,
@@ -900,7 +929,15 @@ async def _serve_until_signal(server: Server, loop_name: str) -> None:
             framing=server.config.framing,
             max_connections=server.max_connections,
         )
+        if notify is not None:
+            notify.ready(f"Serving on {', '.join(map(str, server.addresses))}")
         await server.serve_forever()
     finally:
+        if watchdog is not None:
+            watchdog.stop()
+        if server._stop_requested.is_set():
+            await stopping  # STOPPING=1 is out before the process ends
+        else:
+            stopping.cancel()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
