@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from netframe.bench.cli import add_bench_parser
 
-    add_bench_parser(commands, _address, _positive(int), _positive(float))
+    add_bench_parser(commands, _target, _positive(int), _positive(float))
     return parser
 
 
