@@ -563,8 +563,7 @@ class Config:
     @property
     def listeners_given(self) -> bool:
         """Whether any of ``tcp``, ``udp`` and ``unix`` was given; if none was, the
-        default set (TCP and UDP at 127.0.0.1:9999) applies, unless the server is handed
-        listening sockets instead (see :class:`~netframe.Server`)."""
+        default set (TCP and UDP at 127.0.0.1:9999) applies."""
         return self.tcp is not None or self.udp is not None or bool(self.unix)
 
     def replace(self, **changes: Any) -> Config:

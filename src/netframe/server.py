@@ -32,7 +32,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Final, Literal
 
@@ -89,12 +89,12 @@ class Server:
     Args:
         config: the settings; ``None`` means :class:`Config` defaults.
         sockets: listening sockets made elsewhere (handed over by systemd, see
-            :mod:`netframe.systemd`, or by a supervisor process) to serve as well: TCP
-            and Unix stream sockets that listen, and bound UDP sockets, told apart by
-            their family and type. The server owns them from then on and closes them
-            when it stops; it never removes the file of a Unix socket it did not bind.
-            When any are given and none of ``tcp``, ``udp`` and ``unix`` is, the default
-            listeners (127.0.0.1:9999) are not bound.
+            :mod:`netframe.systemd`, or by a supervisor process), served instead of
+            binding ``config``'s ``tcp``, ``udp`` and ``unix`` listeners: TCP and Unix
+            stream sockets that listen, and bound UDP sockets, told apart by their
+            family and type. The server owns them from then on and closes them when it
+            stops (or fails to start); it never removes the file of a Unix socket it did
+            not bind. ``None`` (the default): bind what ``config`` says.
         **settings: any :class:`Config` field, applied on top of ``config``
             (``Server(handler=MyHandler, tcp=["127.0.0.1:0"])``).
 
@@ -112,7 +112,7 @@ class Server:
         self,
         config: Config | None = None,
         *,
-        sockets: Iterable[socket.socket] = (),
+        sockets: Sequence[socket.socket] | None = None,
         **settings: Any,
     ) -> None:
         if config is None:
@@ -120,7 +120,7 @@ class Server:
         elif settings:
             config = config.replace(**settings)
         self.config = config
-        self._handed_over = [(listener_kind(sock), sock) for sock in sockets]
+        self._given = None if sockets is None else [(listener_kind(s), s) for s in sockets]
         self._handler_factory = resolve_handler(config.handler)
         self._hooks_started = False
         try:
@@ -197,19 +197,19 @@ class Server:
             if self._stopped:  # close() came while on_start ran: bind nothing, undo it
                 await self._stop_hook()
                 return
-            # Sockets handed over replace the default listeners, not the ones asked for.
-            if self.config.listeners_given or not self._handed_over:
+            if self._given is not None:
+                for kind, sock in self._given:
+                    await self._adopt(ctx, kind, sock)
+            else:
                 for address in self.config.tcp_addresses:
                     await self._listen_tcp(ctx, address)
                 for address in self.config.udp_addresses:
                     await self._listen_udp(ctx, address)
-            for path in self.config.unix:
-                await self._listen_unix(ctx, path)
-            for kind, sock in self._handed_over:
-                await self._adopt(ctx, kind, sock)
+                for path in self.config.unix:
+                    await self._listen_unix(ctx, path)
         except BaseException:
             self._close_listeners()
-            for _, sock in self._handed_over:  # those not served yet
+            for _, sock in self._given or ():  # those not served yet (closing twice is fine)
                 sock.close()
             self._addresses.clear()
             self._ctx = None
@@ -847,7 +847,7 @@ def run(config: Config | None = None, **settings: Any) -> int:
     aborts every connection and exits at once with status 1.
 
     Under systemd (see :mod:`netframe.systemd`) it serves the sockets a socket unit hands
-    over (in place of the default listeners), reports ``READY=1`` once every listener is
+    over (in place of the listeners ``config`` names), reports ``READY=1`` once every listener is
     bound and ``on_start`` has run, ``STOPPING=1`` when the stop begins, and feeds the
     watchdog when the unit has one.
 
@@ -866,16 +866,24 @@ def run(config: Config | None = None, **settings: Any) -> int:
             "event loop: use `async with netframe.Server(...)` there instead"
         )
     handover = take()  # systemd's variables, read once and removed for child processes
-    server = Server(config, sockets=[handed.sock for handed in handover.sockets], **settings)
+    handed = [each.sock for each in handover.sockets] or None
+    server = Server(config, sockets=handed, **settings)
     config = server.config
     factory = loop_factory(config.loop)
     configure_logging(config.log_format, config.log_level)
     if handover.sockets:
         get_logger().info(
             "sockets_handed_over",
-            fds=[handed.fd for handed in handover.sockets],
-            names=[handed.name for handed in handover.sockets],
+            fds=[each.fd for each in handover.sockets],
+            names=[each.name for each in handover.sockets],
         )
+        if config.listeners_given:  # the socket unit decides where to listen
+            get_logger().warning(
+                "listeners_ignored",
+                tcp=[str(a) for a in config.tcp_addresses],
+                udp=[str(a) for a in config.udp_addresses],
+                unix=list(config.unix),
+            )
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(_serve_until_signal(server, resolve_loop_name(config.loop), handover))
