@@ -222,7 +222,7 @@ def test_a_descriptor_that_cannot_be_served_is_one_line_and_exit_2(kind: str) ->
     else:
         keep = [socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)]
         fd = keep[0].fileno()
-        expected = "descriptor 3 is a AF_UNIX SOCK_DGRAM socket: netframe serves TCP and UDP"
+        expected = "descriptor 3 is a socket of family AF_UNIX and type SOCK_DGRAM: netframe"
     try:
         done = subprocess.run(
             [*launcher([fd]), sys.executable, "-m", "netframe", "serve"],

@@ -156,7 +156,8 @@ class Server:
         return list(self._addresses)
 
     def address(self, transport: str = "tcp") -> tuple[str, int]:
-        """The ``(host, port)`` of the first listener of ``transport``.
+        """The ``(host, port)`` of the first listener of ``transport`` (for ``unix``, the
+        socket's path and 0).
 
         Raises:
             LookupError: the server is not started or has no such listener.
@@ -521,6 +522,7 @@ class Server:
         try:
             # The same guarded accept as the sockets the server binds itself.
             listener = _GuardedListener(sock.family, sock.type, sock.proto, sock.detach())
+            listener.setblocking(False)
             await self._serve_stream(ctx, listener, "unix" if kind == "unix" else "tcp")
         except OSError as exc:
             reason = _reason(exc)
@@ -738,8 +740,8 @@ def listener_kind(sock: socket.socket) -> Literal["tcp", "udp", "unix"]:
     family_name = getattr(family, "name", str(family))
     kind_name = getattr(kind, "name", str(kind))
     raise ConfigError(
-        f"{what} is a {family_name} {kind_name} socket: netframe serves TCP and UDP "
-        "sockets and Unix stream sockets"
+        f"{what} is a socket of family {family_name} and type {kind_name}: netframe "
+        "serves TCP and UDP sockets and Unix stream sockets"
     )
 
 

@@ -131,7 +131,7 @@ class Notifier:
         """Send ``KEY=value`` fields as one message; True if it was sent."""
         message = "\n".join(fields).encode()
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
                 sock.setblocking(False)
                 sock.sendto(message, self.address)
         except OSError as exc:
