@@ -31,7 +31,7 @@ class BatchedDatagramTransport(asyncio.DatagramTransport):
         self,
         loop: asyncio.AbstractEventLoop,
         sock: socket.socket,
-        protocol: asyncio.DatagramProtocol,
+        protocol: Any,  # an asyncio datagram protocol by its methods (UdpEndpoint)
         read_size: int,
     ) -> None:
         super().__init__({"socket": sock, "sockname": sock.getsockname()})
@@ -89,7 +89,7 @@ class BatchedDatagramTransport(asyncio.DatagramTransport):
 
 
 async def open_datagram_endpoint(
-    protocol: asyncio.DatagramProtocol,
+    protocol: Any,  # an asyncio datagram protocol by its methods (UdpEndpoint)
     host: str,
     port: int,
     *,

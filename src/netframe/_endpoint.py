@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from netframe.config import Config
-from netframe.framing import Framer, make_framer
+from netframe.framing import Framer, FramerLike, make_framer
 from netframe.handlers import Handler, InetAddress, PeerAddress
 from netframe.handlers._interface import unmapped_host as normalise_host
 from netframe.limits import DeadlineWheel, EventSummary
@@ -97,8 +97,8 @@ class EndpointContext:
         default_factory=lambda: EventSummary(SUMMARY_INTERVAL_S)
     )
     # Made by the server (where a user framer's errors are reported); else from config.
-    framers: Callable[[], Framer] | None = None
-    framer_factory: Callable[[], Framer] = dataclasses.field(init=False)
+    framers: Callable[[], FramerLike] | None = None
+    framer_factory: Callable[[], FramerLike] = dataclasses.field(init=False)
     # The framer's own reply encoding, when it has one (length framing, user framers);
     # None: replies are payload + terminator, with no call.
     framer_encodes: bool = dataclasses.field(init=False)

@@ -544,9 +544,7 @@ class _UvListener:
     takes over once more.
     """
 
-    def __init__(
-        self, sock: _GuardedListener, factory: Callable[[], asyncio.Protocol], backlog: int
-    ) -> None:
+    def __init__(self, sock: _GuardedListener, factory: Callable[[], Any], backlog: int) -> None:
         self.sock = sock
         self._factory = factory
         self._backlog = backlog
