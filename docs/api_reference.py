@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import enum
 import inspect
+import os
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
+
+# The reference documents the source: compiled classes keep no signatures to read.
+os.environ["NETFRAME_NO_EXTENSIONS"] = "1"
 
 import netframe
 import netframe.testing

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final
 
+from netframe._build import BUILD
 from netframe._datagram import open_datagram_endpoint
 from netframe._endpoint import TICK_S, EndpointContext
 from netframe._errors import Error
@@ -767,6 +768,7 @@ async def _serve_until_signal(server: Server, loop_name: str) -> None:
             handler=_name(server.config.handler),
             framing=server.config.framing,
             max_connections=server.max_connections,
+            build="compiled" if BUILD.compiled else "pure",
         )
         await server.serve_forever()
     finally:

@@ -27,6 +27,7 @@ Protection, each bounded and each with a reason in ``connection_closed``:
 from __future__ import annotations
 
 import asyncio
+import asyncio.protocols
 import collections
 import contextlib
 import math
@@ -819,8 +820,9 @@ class TcpEndpoint:
                 self._message_started = self._ctx.now
 
 
+# asyncio.protocols by its full name: mypyc needs the module itself imported.
 @mypyc_attr(native_class=False)
-class BufferedTcpEndpoint(asyncio.BufferedProtocol):
+class BufferedTcpEndpoint(asyncio.protocols.BufferedProtocol):
     """A :class:`TcpEndpoint` read through ``get_buffer``/``buffer_updated``.
 
     Stock asyncio reads each chunk for a ``Protocol`` into a new 256 KiB ``bytes``, which
