@@ -89,12 +89,23 @@ class ProxyGate(asyncio.Protocol):
             transport.close()
             return
         try:
-            # Only an IP peer can be a trusted balancer (a Unix socket's is a path).
-            self._peer = peer = InetAddress.from_sockaddr(transport.get_extra_info("peername"))
+            raw = transport.get_extra_info("peername")
         except OSError:  # uvloop asks the socket, which may be closed already
-            peer = None
+            raw = None
+        if not raw:
+            # Reset before it could be asked (a balancer's health check that connects
+            # and aborts at once, on uvloop): there is nothing to serve or to refuse.
+            self._done = True
+            transport.close()
+            return
+        # Only an IP peer can be a trusted balancer (a Unix socket's is a path).
+        self._peer = peer = InetAddress.from_sockaddr(raw)
         if peer is None or not gates.trusted.allows(peer.host):
-            self._reject("untrusted_source", "the peer is not in proxy_allow (--proxy-allow)")
+            self._reject(
+                "untrusted_source",
+                "the peer is not in proxy_allow (--proxy-allow)",
+                str(peer or raw),
+            )
             return
         gates.waiting.add(self)
         self._timer = asyncio.get_running_loop().call_later(gates.timeout_s, self._timed_out)
@@ -143,11 +154,11 @@ class ProxyGate(asyncio.Protocol):
             self._timer = None
         self._gates.waiting.discard(self)
 
-    def _reject(self, reason: str, error: str) -> None:
+    def _reject(self, reason: str, error: str, peer: str | None = None) -> None:
         self._finish()
         self._gates.ctx.log.warning(
-            REJECTED_EVENT, transport="tcp", peer=format_peer(self._peer), reason=reason,
-            error=error,
+            REJECTED_EVENT, transport="tcp", peer=peer or format_peer(self._peer),
+            reason=reason, error=error,
         )  # fmt: skip
         if self._transport is not None:
             self._transport.close()
