@@ -21,6 +21,7 @@ from conftest import (
     assert_one_line_error,
     raw_receive_until_end,
     raw_send,
+    reset,
     run_netframe,
 )
 from structlog.testing import capture_logs
@@ -284,6 +285,24 @@ async def test_a_refused_header_closes_with_one_log_line_and_others_are_served(
     served = 0 if reason == "untrusted_source" else 1
     assert len(seen.connections) == served
     assert len(events(logs, "connection_opened")) == served
+
+
+@pytest.mark.asyncio
+@on_both_loops
+async def test_a_check_that_sends_local_and_resets_at_once_is_no_warning() -> None:
+    # HAProxy's plain (layer 4) check: connect, a LOCAL header, then a reset at once.
+    # On uvloop the peer cannot even be asked for by then; either way it is not a bad
+    # header, and the server carries on.
+    with capture_logs() as logs:
+        async with serving(**PROXIED) as server:
+            for _ in range(5):
+                sock = socket.create_connection(server.address("tcp"), timeout=REPLY_TIMEOUT_S)
+                sock.sendall(encode_v2(command="local"))
+                reset(sock)
+            async with balancer(server) as (reader, writer):
+                writer.write(encode_v2(CLIENT, FRONTEND))
+                assert await asyncio.wait_for(reader.readexactly(8), REPLY_TIMEOUT_S) == b"Welcome!"
+    assert events(logs, "proxy_header_rejected") == []
 
 
 @pytest.mark.asyncio
