@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -35,6 +36,7 @@ SOURCES = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
 SESSIONS = 12
 #: How long HAProxy may take to listen and to see both backends up.
 START_BOUND_S = 20.0
+DEPLOYMENT = Path(__file__).resolve().parent.parent / "docs" / "deployment.md"
 
 WHOIS = '''
 import os
@@ -184,10 +186,27 @@ def session(port: int, source: str, name: str) -> tuple[str, tuple[str, int], by
     return reply.decode().split()[0], own, reply
 
 
-@pytest.mark.skipif(
+requires_haproxy = pytest.mark.skipif(
     haproxy_binary() is None,
     reason="haproxy is not installed (apt-get install haproxy; .ci/run installs it)",
 )
+
+
+@requires_haproxy
+def test_the_haproxy_configuration_in_deployment_md_is_valid(tmp_path: Path) -> None:
+    binary = haproxy_binary()
+    assert binary is not None
+    [block] = re.findall(r"```haproxy\n(.*?)```", DEPLOYMENT.read_text(), re.DOTALL)
+    assert "send-proxy-v2" in block
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(block)
+    done = subprocess.run(
+        [binary, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@requires_haproxy
 def test_haproxy_with_send_proxy_v2_in_front_of_two_servers(
     cli_server: Callable[..., CliServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

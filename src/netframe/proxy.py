@@ -35,6 +35,17 @@ from netframe._errors import Error
 
 __all__ = [
     "MAX_V2_HEADER_BYTES",
+    "PP2_CLIENT_CERT_CONN",
+    "PP2_CLIENT_CERT_SESS",
+    "PP2_CLIENT_SSL",
+    "PP2_SUBTYPE_SSL_CIPHER",
+    "PP2_SUBTYPE_SSL_CLIENT_CERT",
+    "PP2_SUBTYPE_SSL_CN",
+    "PP2_SUBTYPE_SSL_GROUP",
+    "PP2_SUBTYPE_SSL_KEY_ALG",
+    "PP2_SUBTYPE_SSL_SIG_ALG",
+    "PP2_SUBTYPE_SSL_SIG_SCHEME",
+    "PP2_SUBTYPE_SSL_VERSION",
     "PP2_TYPE_ALPN",
     "PP2_TYPE_AUTHORITY",
     "PP2_TYPE_CRC32C",
@@ -44,14 +55,12 @@ __all__ = [
     "PP2_TYPE_UNIQUE_ID",
     "V1_MAX_BYTES",
     "V2_SIGNATURE",
-    "Command",
     "HeaderReader",
     "ProxyHeader",
     "ProxyProtocolError",
     "SocketAddress",
     "SslInfo",
     "TrustedProxies",
-    "Versions",
     "crc32c",
     "encode_v1",
     "encode_v2",
@@ -197,6 +206,9 @@ def parse(
 ) -> ProxyHeader | None:
     """The header at the start of ``data`` (everything received so far), if complete.
 
+    ``versions`` is ``"v1"``, ``"v2"`` or ``"any"`` (either): a header of another version
+    is refused as ``wrong_version``. ``max_v2_bytes`` caps a v2 header's size.
+
     Returns:
         ``None`` while ``data`` is a strict prefix of a header that could still be
         valid (never once ``data`` is as long as the longest such header), otherwise
@@ -235,6 +247,7 @@ class HeaderReader:
     ``feed`` returns ``None`` until the header is complete, then the header, with the
     bytes that followed it in :attr:`rest` (they belong to the application protocol).
     It holds at most one header's worth of bytes: past that, the answer is an error.
+    ``versions`` and ``max_v2_bytes`` are as for :func:`parse`.
 
     Raises (from :meth:`feed` and :meth:`eof`):
         ProxyProtocolError: the bytes cannot begin an acceptable header (``reason`` as
