@@ -38,7 +38,7 @@ from netframe.proxy import (
 )
 from netframe.tcp import TcpEndpoint
 
-__all__ = ["REJECTED_EVENT", "ProxyGate", "ProxyGates"]
+__all__ = ["REJECTED_EVENT", "BufferedProxyGate", "ProxyGate", "ProxyGates"]
 
 REJECTED_EVENT: Final = "proxy_header_rejected"
 
@@ -55,9 +55,13 @@ class ProxyGates:
         #: Connections whose header has not arrived yet.
         self.waiting: set[ProxyGate] = set()
 
-    def factory(self, make_endpoint: Callable[[], TcpEndpoint]) -> Callable[[], ProxyGate]:
-        """The listener's protocol factory: a gate in front of each endpoint."""
-        return lambda: ProxyGate(self, make_endpoint)
+    def factory(
+        self, make_endpoint: Callable[[], TcpEndpoint], *, buffered: bool
+    ) -> Callable[[], ProxyGate]:
+        """The listener's protocol factory: a gate in front of each endpoint
+        (``buffered``: reading as ``BufferedTcpEndpoint`` does, on the standard loop)."""
+        gate = BufferedProxyGate if buffered else ProxyGate
+        return lambda: gate(self, make_endpoint)
 
     def close_all(self) -> None:
         """The server is stopping: connections still waiting for a header have no
@@ -183,6 +187,20 @@ class ProxyGate(asyncio.Protocol):
         rest = self._reader.rest
         if rest and not transport.is_closing():
             endpoint.data_received(rest)
+
+
+class BufferedProxyGate(ProxyGate, asyncio.BufferedProtocol):
+    """The gate on the standard loop: it reads into the server's shared buffer, as
+    :class:`~netframe.tcp.BufferedTcpEndpoint` does, so a connection's first read does
+    not cost a 256 KiB allocation either."""
+
+    __slots__ = ()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._gates.ctx.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._gates.ctx.read_buffer[:nbytes].tobytes())
 
 
 def _proxied(address: SocketAddress | None) -> PeerAddress | None:

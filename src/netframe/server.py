@@ -418,7 +418,7 @@ class Server:
 
         factory: Callable[[], asyncio.Protocol] = make_endpoint
         if self._proxy_gates is not None:  # the PROXY header first, then the endpoint
-            factory = self._proxy_gates.factory(make_endpoint)
+            factory = self._proxy_gates.factory(make_endpoint, buffered=standard)
         try:
             sockets = await _bind_tcp(address, backlog)
             for sock in sockets:
