@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -73,7 +73,7 @@ def seen() -> type[Seen]:
 @contextlib.asynccontextmanager
 async def balancer(
     server: Server, source: str = "127.0.0.1"
-) -> Any:  # AsyncIterator[tuple[StreamReader, StreamWriter]]
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
     """A connection to the server from ``source``, as a load balancer's would be."""
     reader, writer = await asyncio.wait_for(
         asyncio.open_connection(*server.address("tcp"), local_addr=(source, 0)), REPLY_TIMEOUT_S
