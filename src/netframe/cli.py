@@ -23,6 +23,7 @@ from netframe.client import ClientError, TcpClient, UdpClient
 from netframe.config import (
     FRAMINGS,
     LOOPS,
+    REPEATABLE_KINDS,
     Address,
     Config,
     ConfigError,
@@ -92,7 +93,7 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per :class:`Config` setting, made from the setting's own definition."""
     for name, setting in settings().items():
-        repeatable = setting.kind in ("addresses", "ports")
+        repeatable = setting.kind in REPEATABLE_KINDS
         parser.add_argument(
             setting.flag,
             dest=name,

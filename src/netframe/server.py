@@ -40,6 +40,7 @@ from netframe._build import BUILD
 from netframe._datagram import open_datagram_endpoint
 from netframe._endpoint import TICK_S, EndpointContext
 from netframe._errors import Error
+from netframe._proxy_gate import ProxyGates
 from netframe.config import Address, Config, ConfigError
 from netframe.framing import make_framer
 from netframe.handlers import HandlerError, resolve_handler
@@ -112,6 +113,8 @@ class Server:
             raise ConfigError(str(exc)) from None
         self._log = get_logger()
         self._ctx: EndpointContext | None = None
+        # Connections waiting for their PROXY header, when the protocol is on.
+        self._proxy_gates: ProxyGates | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tcp_servers: list[asyncio.Server] = []
         self._uv_listeners: list[_UvListener] = []
@@ -168,6 +171,8 @@ class Server:
             self.config, self._handler_factory, self._log, framers=self._framer_factory
         )
         ctx.now = loop.time()
+        if self.config.proxy_protocol != "off":
+            self._proxy_gates = ProxyGates(ctx)
         try:
             await self._start_hook()
             if self._stopped:  # close() came while on_start ran: bind nothing, undo it
@@ -229,6 +234,8 @@ class Server:
         ctx.stopping = True
         servers = list(self._tcp_servers)
         self._close_listeners()
+        if self._proxy_gates is not None:  # no handler yet, nothing to finish
+            self._proxy_gates.close_all()
         # A connection accepted in the last instant reaches connection_made within an
         # iteration or two, and closes there because the server is stopping.
         for _ in range(3):
@@ -278,6 +285,8 @@ class Server:
     def abort(self) -> None:
         """Close every listener and abort every connection now, dropping unsent data."""
         self._close_listeners()
+        if self._proxy_gates is not None:
+            self._proxy_gates.close_all()
         if self._ctx is not None:
             for conn in list(self._ctx.connections):
                 conn.terminate()
@@ -400,19 +409,26 @@ class Server:
     async def _listen_tcp(self, ctx: EndpointContext, address: Address) -> None:
         loop = asyncio.get_running_loop()
         backlog = self.config.backlog
+        standard = isinstance(loop, asyncio.BaseEventLoop)  # its accept calls sock.accept
+        # The buffered read path on the standard loop (see BufferedTcpEndpoint); on uvloop
+        # the two paths measure the same, and the plain one is simpler.
+        endpoint = BufferedTcpEndpoint if standard else TcpEndpoint
+
+        def make_endpoint() -> TcpEndpoint:
+            return endpoint(ctx)
+
+        factory: Callable[[], asyncio.Protocol] = make_endpoint
+        if self._proxy_gates is not None:  # the PROXY header first, then the endpoint
+            factory = self._proxy_gates.factory(make_endpoint, buffered=standard)
         try:
             sockets = await _bind_tcp(address, backlog)
             for sock in sockets:
                 sock.on_shed = lambda: ctx.refused("no_file_descriptors")
-                if isinstance(loop, asyncio.BaseEventLoop):  # its accept calls sock.accept
-                    # The buffered read path on the standard loop (see BufferedTcpEndpoint);
-                    # on uvloop the two paths measure the same, and the plain one is simpler.
-                    server = await loop.create_server(
-                        lambda: BufferedTcpEndpoint(ctx), sock=sock, backlog=backlog
-                    )
+                if standard:
+                    server = await loop.create_server(factory, sock=sock, backlog=backlog)
                     self._tcp_servers.append(server)
                 else:
-                    listener = _UvListener(sock, lambda: TcpEndpoint(ctx), backlog)
+                    listener = _UvListener(sock, factory, backlog)
                     await listener.serve()
                     self._uv_listeners.append(listener)
                 self._bound("tcp", sock)

@@ -144,12 +144,12 @@ class TcpEndpoint:
         "id",
         "messages_in",
         "messages_out",
+        "via",
     )
 
     network: Final = "tcp"
-    #: No TLS and no PROXY protocol yet: these are where they will appear.
+    #: No TLS yet: this is where it will appear.
     tls: Final[TlsInfo | None] = None
-    via: Final[PeerAddress | None] = None
 
     def __init__(self, ctx: EndpointContext) -> None:
         self._ctx = ctx
@@ -197,6 +197,8 @@ class TcpEndpoint:
         self._peer_read = self._local_read = False
         self.id = ctx.next_id()
         self.bytes_in = self.bytes_out = self.messages_in = self.messages_out = 0
+        #: The load balancer, when a PROXY header named the client (see set_proxied).
+        self.via: PeerAddress | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -397,6 +399,17 @@ class TcpEndpoint:
         if isinstance(raw, str | bytes):  # AF_UNIX: a path, empty for an unnamed end
             return UnixAddress(raw if isinstance(raw, str) else raw.decode(errors="replace"))
         return InetAddress.from_sockaddr(raw)
+
+    def set_proxied(
+        self, peer: PeerAddress | None, local: PeerAddress | None, via: PeerAddress | None
+    ) -> None:
+        """PROXY protocol hook (``netframe._proxy_gate``), called before
+        :meth:`connection_made`: the client and the address it reached, as the header
+        names them, and the load balancer's own address. The caps, the logs and the
+        handler then see these instead of the socket's."""
+        self._peer = peer
+        self._local = local
+        self.via = via
 
     @property
     def log(self) -> FilteringBoundLogger:

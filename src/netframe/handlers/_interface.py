@@ -147,12 +147,15 @@ class Connection(Protocol):
     @property
     def peer(self) -> PeerAddress | None:
         """The client: an :class:`InetAddress` (or a :class:`UnixAddress` on a Unix
-        socket), ``None`` when the socket could not tell (it was already reset)."""
+        socket), ``None`` when the socket could not tell (it was already reset). Behind a
+        load balancer with the PROXY protocol, the client the balancer's header names."""
         ...
 
     @property
     def local(self) -> PeerAddress | None:
-        """The server's end the client reached (the listener's address and port)."""
+        """The server's end the client reached (the listener's address and port; behind
+        a load balancer with the PROXY protocol, the balancer's address the client
+        reached, from the header)."""
         ...
 
     @property
@@ -163,9 +166,9 @@ class Connection(Protocol):
 
     @property
     def via(self) -> PeerAddress | None:
-        """The proxy the connection came through when a PROXY-protocol header named the
-        real client in :attr:`peer`; ``None`` for a direct connection (always, until
-        netframe reads PROXY headers)."""
+        """The load balancer the connection came through when a PROXY protocol header
+        named the real client in :attr:`peer`; ``None`` for a direct connection (and a
+        balancer's own health check)."""
         ...
 
     @property
