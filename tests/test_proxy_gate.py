@@ -53,8 +53,11 @@ class Seen(Handler):
     connections: list[dict[str, Any]]
 
     def on_connect(self, conn: Connection) -> None:
+        # "protocol": what the transport was handed over to (the buffered read path on
+        # the standard loop), read from the endpoint's transport.
+        protocol = type(conn._transport.get_protocol()).__name__  # type: ignore[attr-defined]
         type(self).connections.append(
-            {"peer": conn.peer, "local": conn.local, "via": conn.via, "type": type(conn).__name__}
+            {"peer": conn.peer, "local": conn.local, "via": conn.via, "type": protocol}
         )
         conn.send("Welcome!")
 

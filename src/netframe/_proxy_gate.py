@@ -36,7 +36,7 @@ from netframe.proxy import (
     TrustedProxies,
     Versions,
 )
-from netframe.tcp import TcpEndpoint
+from netframe.tcp import BufferedTcpEndpoint, TcpEndpoint
 
 __all__ = ["REJECTED_EVENT", "BufferedProxyGate", "ProxyGate", "ProxyGates"]
 
@@ -56,7 +56,7 @@ class ProxyGates:
         self.waiting: set[ProxyGate] = set()
 
     def factory(
-        self, make_endpoint: Callable[[], TcpEndpoint], *, buffered: bool
+        self, make_endpoint: Callable[[], TcpEndpoint | BufferedTcpEndpoint], *, buffered: bool
     ) -> Callable[[], ProxyGate]:
         """The listener's protocol factory: a gate in front of each endpoint
         (``buffered``: reading as ``BufferedTcpEndpoint`` does, on the standard loop)."""
@@ -75,7 +75,9 @@ class ProxyGate(asyncio.Protocol):
 
     __slots__ = ("_done", "_gates", "_make_endpoint", "_peer", "_reader", "_timer", "_transport")
 
-    def __init__(self, gates: ProxyGates, make_endpoint: Callable[[], TcpEndpoint]) -> None:
+    def __init__(
+        self, gates: ProxyGates, make_endpoint: Callable[[], TcpEndpoint | BufferedTcpEndpoint]
+    ) -> None:
         self._gates = gates
         self._make_endpoint = make_endpoint
         self._reader = HeaderReader(gates.versions)
@@ -171,7 +173,8 @@ class ProxyGate(asyncio.Protocol):
         self._finish()
         transport = self._transport
         assert transport is not None
-        endpoint = self._make_endpoint()
+        protocol = self._make_endpoint()
+        endpoint = protocol.endpoint if isinstance(protocol, BufferedTcpEndpoint) else protocol
         client = _proxied(header.source)
         if client is not None:  # else (LOCAL, UNKNOWN) the socket's own addresses hold
             endpoint.set_proxied(client, _proxied(header.destination), self._peer)
@@ -182,8 +185,8 @@ class ProxyGate(asyncio.Protocol):
                 client=None if client is None else str(client), version=header.version,
                 command=header.command,
             )  # fmt: skip
-        transport.set_protocol(endpoint)
-        endpoint.connection_made(transport)
+        transport.set_protocol(protocol)  # type: ignore[arg-type]  # a protocol by its methods
+        protocol.connection_made(transport)
         rest = self._reader.rest
         if rest and not transport.is_closing():
             endpoint.data_received(rest)

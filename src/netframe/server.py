@@ -414,10 +414,10 @@ class Server:
         # the two paths measure the same, and the plain one is simpler.
         endpoint = BufferedTcpEndpoint if standard else TcpEndpoint
 
-        def make_endpoint() -> TcpEndpoint:
+        def make_endpoint() -> TcpEndpoint | BufferedTcpEndpoint:
             return endpoint(ctx)
 
-        factory: Callable[[], asyncio.Protocol] = make_endpoint
+        factory: Callable[[], Any] = make_endpoint
         if self._proxy_gates is not None:  # the PROXY header first, then the endpoint
             factory = self._proxy_gates.factory(make_endpoint, buffered=standard)
         try:

@@ -409,6 +409,7 @@ class TcpEndpoint:
         handler then see these instead of the socket's."""
         self._peer = peer
         self._local = local
+        self._peer_read = self._local_read = True
         self.via = via
 
     @property
