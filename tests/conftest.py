@@ -41,6 +41,10 @@ LOOPS: Mapping[str, Callable[[], asyncio.AbstractEventLoop]] = {
 }
 
 
+def pytest_report_header() -> str:
+    return f"netframe: {netframe.__version__}, {netframe.BUILD}"
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_logs() -> None:
     """Log as the CLI does by default (info, to stderr): no per-message debug events."""

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from netframe._build import BUILD
 from netframe._interactive import (
     InputError,
     encode,
@@ -144,7 +145,7 @@ def _from_text(setting: Setting) -> Callable[[str], Any]:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = _Parser(prog="netframe", description="Fast TCP and UDP servers on asyncio.")
-    parser.add_argument("--version", action="version", version=f"netframe {__version__}")
+    parser.add_argument("--version", action="version", version=f"netframe {__version__}, {BUILD}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = commands.add_parser(

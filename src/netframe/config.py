@@ -33,8 +33,10 @@ __all__ = [
     "HandlerSpec",
     "LogFormat",
     "LoopName",
+    "ProxyProtocol",
     "Setting",
     "parse_address",
+    "parse_network",
     "parse_unix_path",
     "settings",
     "settings_markdown",
@@ -43,6 +45,7 @@ __all__ = [
 Framing: TypeAlias = Literal["auto", "line", "raw"]
 LoopName: TypeAlias = Literal["auto", "asyncio", "uvloop"]
 LogFormat: TypeAlias = Literal["console", "json"]
+ProxyProtocol: TypeAlias = Literal["off", "v1", "v2", "any"]
 # A built-in handler's name, "module:attribute", or a callable that makes one handler.
 HandlerSpec: TypeAlias = "str | Callable[[], Handler]"
 
@@ -53,6 +56,7 @@ SERVER_FRAMINGS: tuple[str, ...] = (*FRAMINGS, "length")
 LOOPS: tuple[LoopName, ...] = ("auto", "asyncio", "uvloop")
 LOG_FORMATS: tuple[LogFormat, ...] = ("console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+PROXY_PROTOCOLS: tuple[ProxyProtocol, ...] = ("off", "v1", "v2", "any")
 
 # The seeds' server listens on 127.0.0.1:9999, TCP and UDP side by side.
 DEFAULT_HOST = "127.0.0.1"
@@ -175,14 +179,12 @@ def _addresses(value: Sequence[str | Address] | None) -> tuple[Address, ...]:
     return tuple(a if isinstance(a, Address) else parse_address(a) for a in value)
 
 
-#: Setting kinds whose flag may be given several times; the field holds a tuple.
-REPEATABLE_KINDS: Final = frozenset({"addresses", "ports", "paths"})
-
 Kind: TypeAlias = Literal[
     "addresses",
     "ports",
     "paths",
     "mode",
+    "networks",
     "text",
     "choice",
     "framing",
@@ -192,6 +194,10 @@ Kind: TypeAlias = Literal[
     "seconds",
     "seconds0",
 ]
+#: Kinds whose setting holds a list: the flag is repeatable, the environment variable
+#: comma-separated, the TOML value a list.
+REPEATABLE_KINDS: Final[tuple[Kind, ...]] = ("addresses", "ports", "paths", "networks")
+IPNetwork: TypeAlias = "ipaddress.IPv4Network | ipaddress.IPv6Network"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -212,7 +218,7 @@ class Setting:
     #: What values are allowed: ``count`` (whole number >= 1), ``count0`` (>= 0, 0 = off),
     #: ``seconds`` (> 0), ``seconds0`` (>= 0, 0 = off), ``auto_count`` (``auto`` or a
     #: count), ``choice``, ``text``, ``mode`` (an octal file mode), and ``addresses``,
-    #: ``ports`` and ``paths`` (repeatable).
+    #: ``ports``, ``paths`` and ``networks`` (IP addresses or networks) (repeatable).
     kind: Kind
     choices: tuple[str, ...] = ()
     metavar: str | None = None
@@ -234,6 +240,8 @@ class Setting:
             return parse_unix_path(text)
         if kind == "mode":
             return _file_mode(text)
+        if kind == "networks":
+            return parse_network(text)
         if kind in ("count", "count0"):
             return _whole(text, 1 if kind == "count" else 0, self.upper)
         if kind == "auto_count":
@@ -283,10 +291,53 @@ class Setting:
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
                 shown = oct(value) if isinstance(value, int) else repr(value)
                 raise ConfigError(f"{name} must be a file mode from 0o000 to 0o777, not {shown}")
+        elif kind == "networks":
+            for network in value:
+                if not isinstance(network, ipaddress.IPv4Network | ipaddress.IPv6Network):
+                    raise ConfigError(f"{name} must hold IP addresses or networks, not {network!r}")
         elif kind == "ports":
             for port in value:
                 if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
                     raise ConfigError(f"{name} must hold ports from 1 to 65535, not {port!r}")
+
+
+def parse_network(text: str) -> IPNetwork:
+    """``10.0.0.0/8``, ``192.0.2.7`` (a network of one) or ``2001:db8::/32`` as an
+    :mod:`ipaddress` network.
+
+    Raises:
+        ConfigError: not an address or network, or a network with host bits set.
+    """
+    if not isinstance(text, str):
+        raise ConfigError(f"{text!r} is not an IP address or network")
+    try:
+        return ipaddress.ip_network(text.strip())
+    except ValueError as exc:
+        if "host bits set" in str(exc):
+            network = ipaddress.ip_network(text.strip(), strict=False)
+            raise ConfigError(
+                f"{text!r} has host bits set: write {network} for the network, or the address alone"
+            ) from None
+        raise ConfigError(
+            f"{text!r} is not an IP address or network (like 10.0.0.0/8 or 192.0.2.7)"
+        ) from None
+
+
+def _networks(value: object) -> tuple[IPNetwork, ...]:
+    """Networks given in code: text is parsed, addresses become networks of one."""
+    if isinstance(value, str | ipaddress.IPv4Network | ipaddress.IPv6Network):
+        value = [value]
+    if not isinstance(value, Sequence):
+        raise ConfigError(f"proxy_allow must be a list of addresses or networks, not {value!r}")
+    networks = []
+    for item in value:
+        if isinstance(item, str):
+            networks.append(parse_network(item))
+        elif isinstance(item, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            networks.append(ipaddress.ip_network(item))
+        else:
+            networks.append(item)
+    return tuple(networks)
 
 
 def _whole(text: str, lowest: int, upper: float) -> int:
@@ -523,6 +574,27 @@ class Config:
         "aim our reply at that service, so none is answered unless allowed", "ports",
         metavar="PORT",
     )  # fmt: skip
+    proxy_protocol: ProxyProtocol = _setting(
+        "off", "--proxy-protocol",
+        "expect a PROXY protocol header from the load balancer on every TCP connection: "
+        "v1 (text), v2 (binary) or any (either); needs --proxy-allow",
+        "a header is a claim about who the client is, believable only on a port that only "
+        "the load balancer reaches: the server must be told, never guess (HAProxy's "
+        "specification)", "choice", choices=PROXY_PROTOCOLS,
+    )  # fmt: skip
+    proxy_allow: Sequence[str | IPNetwork] = _setting(
+        (), "--proxy-allow",
+        "a load balancer's address or network (10.0.0.0/8) allowed to send PROXY headers "
+        "(repeatable); connections from anywhere else are closed",
+        "none: whoever may send a header may claim any client address, so the trusted "
+        "balancers must be named", "networks", metavar="ADDRESS|NETWORK",
+    )  # fmt: skip
+    proxy_timeout_s: float = _setting(
+        5.0, "--proxy-timeout",
+        "seconds a connection has to deliver its PROXY header before it is closed",
+        "a balancer sends the header at once; the specification asks for at least 3 s so "
+        "a lost first segment can be retransmitted", "seconds", metavar="SECONDS",
+    )  # fmt: skip
 
     # The listen addresses, parsed from `tcp` and `udp` with the default set applied.
     tcp_addresses: tuple[Address, ...] = dataclasses.field(init=False)
@@ -543,6 +615,7 @@ class Config:
             raise ConfigError("no listeners: give at least one tcp, udp or unix address")
         object.__setattr__(self, "log_level", str(self.log_level).lower())
         object.__setattr__(self, "udp_allow_ports", tuple(self.udp_allow_ports))
+        object.__setattr__(self, "proxy_allow", _networks(self.proxy_allow))
         for name, setting in _SETTINGS.items():
             setting.check(name, getattr(self, name))
         try:
@@ -554,6 +627,11 @@ class Config:
         if self.length_prefix_bytes not in (2, 4):
             prefix = self.length_prefix_bytes
             raise ConfigError(f"length_prefix_bytes must be 2 or 4, not {prefix!r}")
+        if self.proxy_protocol != "off" and not self.proxy_allow:
+            raise ConfigError(
+                "proxy_protocol (--proxy-protocol) needs proxy_allow (--proxy-allow): the "
+                "addresses or networks of the load balancers that may send the header"
+            )
         if self.write_buffer_low_bytes > self.write_buffer_high_bytes:
             raise ConfigError(
                 "write_buffer_low_bytes (--write-buffer-low) must not be above "

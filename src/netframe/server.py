@@ -36,9 +36,11 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Final, Literal
 
+from netframe._build import BUILD
 from netframe._datagram import open_datagram_endpoint, serve_datagram_socket
 from netframe._endpoint import TICK_S, EndpointContext
 from netframe._errors import Error
+from netframe._proxy_gate import ProxyGates
 from netframe._unix import FileIdentity, bind_unix_listener, remove_socket_file, unix_address
 from netframe.config import Address, Config, ConfigError
 from netframe.framing import make_framer
@@ -134,6 +136,8 @@ class Server:
             raise ConfigError(str(exc)) from None
         self._log = get_logger()
         self._ctx: EndpointContext | None = None
+        # Connections waiting for their PROXY header, when the protocol is on.
+        self._proxy_gates: ProxyGates | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tcp_servers: list[asyncio.Server] = []
         self._uv_listeners: list[_UvListener] = []
@@ -193,6 +197,8 @@ class Server:
             self.config, self._handler_factory, self._log, framers=self._framer_factory
         )
         ctx.now = loop.time()
+        if self.config.proxy_protocol != "off":
+            self._proxy_gates = ProxyGates(ctx)
         try:
             await self._start_hook()
             if self._stopped:  # close() came while on_start ran: bind nothing, undo it
@@ -262,6 +268,8 @@ class Server:
         ctx.stopping = True
         servers = list(self._tcp_servers)
         self._close_listeners()
+        if self._proxy_gates is not None:  # no handler yet, nothing to finish
+            self._proxy_gates.close_all()
         # A connection accepted in the last instant reaches connection_made within an
         # iteration or two, and closes there because the server is stopping.
         for _ in range(3):
@@ -311,6 +319,8 @@ class Server:
     def abort(self) -> None:
         """Close every listener and abort every connection now, dropping unsent data."""
         self._close_listeners()
+        if self._proxy_gates is not None:
+            self._proxy_gates.close_all()
         if self._ctx is not None:
             for conn in list(self._ctx.connections):
                 conn.terminate()
@@ -458,20 +468,32 @@ class Server:
     async def _serve_stream(
         self, ctx: EndpointContext, sock: _GuardedListener, network: Literal["tcp", "unix"]
     ) -> None:
-        """Accept connections on a listening stream socket (closed if that fails)."""
+        """Accept connections on a listening stream socket (closed if that fails).
+
+        With the PROXY protocol on, a TCP listener's connections pass a gate that reads
+        the header first; a Unix listener's never do: its clients are local processes,
+        identified by their credentials, and ``proxy_allow`` names IP networks only.
+        """
         loop = asyncio.get_running_loop()
         backlog = self.config.backlog
+        standard = isinstance(loop, asyncio.BaseEventLoop)  # its accept calls sock.accept
+        # The buffered read path on the standard loop (see BufferedTcpEndpoint); on uvloop
+        # the two paths measure the same, and the plain one is simpler.
+        endpoint = BufferedTcpEndpoint if standard else TcpEndpoint
+
+        def make_endpoint() -> TcpEndpoint | BufferedTcpEndpoint:
+            return endpoint(ctx, network)
+
+        factory: Callable[[], Any] = make_endpoint
+        if self._proxy_gates is not None and network == "tcp":  # the header, then the endpoint
+            factory = self._proxy_gates.factory(make_endpoint, buffered=standard)
         sock.on_shed = lambda: ctx.refused("no_file_descriptors")
         try:
-            if isinstance(loop, asyncio.BaseEventLoop):  # its accept calls sock.accept
-                # The buffered read path on the standard loop (see BufferedTcpEndpoint);
-                # on uvloop the two paths measure the same, and the plain one is simpler.
-                server = await loop.create_server(
-                    lambda: BufferedTcpEndpoint(ctx, network), sock=sock, backlog=backlog
-                )
+            if standard:
+                server = await loop.create_server(factory, sock=sock, backlog=backlog)
                 self._tcp_servers.append(server)
             else:
-                listener = _UvListener(sock, lambda: TcpEndpoint(ctx, network), backlog)
+                listener = _UvListener(sock, factory, backlog)
                 await listener.serve()
                 self._uv_listeners.append(listener)
         except BaseException:
@@ -645,9 +667,7 @@ class _UvListener:
     takes over once more.
     """
 
-    def __init__(
-        self, sock: _GuardedListener, factory: Callable[[], asyncio.Protocol], backlog: int
-    ) -> None:
+    def __init__(self, sock: _GuardedListener, factory: Callable[[], Any], backlog: int) -> None:
         self.sock = sock
         self._factory = factory
         self._backlog = backlog
@@ -938,6 +958,7 @@ async def _serve_until_signal(server: Server, loop_name: str, handover: Handover
             handler=_name(server.config.handler),
             framing=server.config.framing,
             max_connections=server.max_connections,
+            build="compiled" if BUILD.compiled else "pure",
         )
         if notify is not None:
             notify.ready(f"Serving on {', '.join(map(str, server.addresses))}")

@@ -76,6 +76,7 @@ class MemoryConnection:
         network: Network = "tcp",
         peer: PeerAddress | None = _CLIENT,
         local: PeerAddress | None = _SERVER,
+        via: PeerAddress | None = None,
         encoding: str = "utf-8",
         framing: str = "auto",
         terminator: bytes | None = None,
@@ -86,7 +87,7 @@ class MemoryConnection:
         self.peer = peer
         self.local = local
         self.tls: TlsInfo | None = None
-        self.via: PeerAddress | None = None
+        self.via = via
         self.id = next(_ids) if network != "udp" else 0
         self.log: FilteringBoundLogger = get_logger().bind(
             transport=network, peer=format_peer(peer), conn=self.id

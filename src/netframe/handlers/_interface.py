@@ -162,13 +162,15 @@ class Connection(Protocol):
     def peer(self) -> PeerAddress | None:
         """The client: an :class:`InetAddress`, or on a Unix socket a
         :class:`UnixAddress` with the client process's pid, uid and gid; ``None`` when
-        the socket could not tell (it was already reset)."""
+        the socket could not tell (it was already reset). Behind a load balancer with
+        the PROXY protocol, the client the balancer's header names."""
         ...
 
     @property
     def local(self) -> PeerAddress | None:
         """The server's end the client reached (the listener's address and port, or
-        its path)."""
+        its path; behind a load balancer with the PROXY protocol, the balancer's
+        address the client reached, from the header)."""
         ...
 
     @property
@@ -179,9 +181,9 @@ class Connection(Protocol):
 
     @property
     def via(self) -> PeerAddress | None:
-        """The proxy the connection came through when a PROXY-protocol header named the
-        real client in :attr:`peer`; ``None`` for a direct connection (always, until
-        netframe reads PROXY headers)."""
+        """The load balancer the connection came through when a PROXY protocol header
+        named the real client in :attr:`peer`; ``None`` for a direct connection (and a
+        balancer's own health check)."""
         ...
 
     @property
