@@ -111,7 +111,16 @@ class BuildExt(build_ext):
         (self._package_dir() / MANIFEST).unlink(missing_ok=True)
 
 
+def metadata_only() -> bool:
+    """Whether setup.py runs only to write metadata (pip asks for it before building), when
+    there is nothing to compile and checking the compiler would be wasted."""
+    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), "")
+    return command in ("egg_info", "dist_info", "sdist")
+
+
 def extensions() -> list[Any]:
+    if metadata_only():
+        return []
     reason = why_pure()
     if reason is not None:
         say(f"installing the pure-Python build: {reason}")
@@ -121,7 +130,9 @@ def extensions() -> list[Any]:
     say("compiling the hot path with mypyc")
     try:
         return mypycify(  # type: ignore[no-any-return]
-            [f"src/netframe/{name}.py" for name in COMPILED_MODULES],
+            # Errors in the modules it only follows (loops.py without uvloop installed in
+            # the build environment, say) are not the compile's business.
+            ["--follow-imports=silent", *(f"src/netframe/{name}.py" for name in COMPILED_MODULES)],
             opt_level="3",
             group_name="netframe",
         )
