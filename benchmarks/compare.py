@@ -41,13 +41,15 @@ ROOT = HERE.parent
 Argv = Callable[[str, int], list[str]]  # (handler, port) -> command line
 
 
-def _netframe(loop: str) -> Argv:
+def _netframe(loop: str, *, pure: bool = False) -> Argv:
     def argv(handler: str, port: int) -> list[str]:
         scenario = "echo" if handler == "echo" else "greeting"
         # The tutorial's bare exchange: netframe on its defaults (auto framing).
         framing = ("--framing", "auto") if handler == "bare-greeting" else ()
         options = BenchOptions(scenario=scenario, spawn_args=("--loop", loop, *framing))
-        return netframe_serve_argv(options, port)
+        command = netframe_serve_argv(options, port)
+        # env(1) execs the server, so the process measured is still the server itself.
+        return ["env", "NETFRAME_NO_EXTENSIONS=1", *command] if pure else command
 
     return argv
 
@@ -63,6 +65,9 @@ def _baseline(script: str, loop: str) -> Argv:
 SERVERS: dict[str, Argv] = {
     "netframe-uvloop": _netframe("uvloop"),
     "netframe-asyncio": _netframe("asyncio"),
+    # The same servers on the pure-Python build (where the compiled one is installed).
+    "netframe-uvloop-pure": _netframe("uvloop", pure=True),
+    "netframe-asyncio-pure": _netframe("asyncio", pure=True),
     "raw-uvloop": _baseline("raw_protocol.py", "uvloop"),
     "raw-asyncio": _baseline("raw_protocol.py", "asyncio"),
     "streams-uvloop": _baseline("streams.py", "uvloop"),
@@ -78,7 +83,10 @@ SCENARIOS: dict[str, tuple[dict[str, Any], str]] = {
     "sessions-bare": ({"scenario": "sessions", "conns": 20}, "bare-greeting"),
     "udp": ({"scenario": "udp", "conns": 50}, "greeting"),
 }
-HOLD_SERVERS = ("netframe-uvloop", "raw-uvloop", "netframe-asyncio", "raw-asyncio")
+HOLD_SERVERS = (
+    "netframe-uvloop", "netframe-uvloop-pure", "raw-uvloop",
+    "netframe-asyncio", "netframe-asyncio-pure", "raw-asyncio",
+)  # fmt: skip
 #: Scenarios only some servers can serve: the baselines other than the raw Protocol
 #: server speak lines only.
 ONLY: dict[str, tuple[str, ...]] = {"hold": HOLD_SERVERS, "sessions-bare": HOLD_SERVERS}

@@ -41,6 +41,10 @@ LOOPS: Mapping[str, Callable[[], asyncio.AbstractEventLoop]] = {
 }
 
 
+def pytest_report_header() -> str:
+    return f"netframe: {netframe.__version__}, {netframe.BUILD}"
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_logs() -> None:
     """Log as the CLI does by default (info, to stderr): no per-message debug events."""
@@ -63,14 +67,26 @@ def loop_name(request: pytest.FixtureRequest) -> str:
 class CliServer:
     """A ``python -m netframe serve`` subprocess, read through its JSON log on stderr."""
 
-    def __init__(self, args: list[str], *, new_session: bool = False) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        pass_fds: tuple[int, ...] = (),
+        launcher: tuple[str, ...] = (),
+        new_session: bool = False,
+    ) -> None:
+        """``env`` is added to this process's environment; ``launcher`` is a command
+        that runs the server's command line (given as its arguments) itself;
+        ``new_session`` gives it a process group of its own, to signal whole."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "netframe", "serve", "--log-format", "json", *args],
+            [*launcher, sys.executable, "-m", "netframe", "serve", "--log-format", "json", *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            start_new_session=new_session,  # a process group of its own, to signal whole
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            pass_fds=pass_fds,
+            start_new_session=new_session,
         )
         self.events: list[dict[str, Any]] = []
         self._changed = threading.Condition()

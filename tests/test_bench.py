@@ -17,10 +17,12 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -512,6 +514,34 @@ def test_open_loop_follows_its_schedule(loop_name: str) -> None:
 )
 def test_bad_bench_command_lines_are_one_line_and_exit_2(args: list[str], text: str) -> None:
     assert_one_line_error(run_netframe("bench", *args), 2, text)
+
+
+def test_a_unix_socket_target_is_benched(loop_name: str) -> None:
+    folder = tempfile.mkdtemp(prefix="nf-", dir="/tmp")
+    path = os.path.join(folder, "bench.sock")
+    try:
+        with server_thread(loop=loop_name, unix=[path]) as server:
+            for scenario in ("greeting", "sessions"):
+                result = bench(scenario=scenario, target=path)
+                assert_clean(result)
+                assert result["options"]["target"] == path
+                assert result["options"]["framing"] == "raw"  # read from the greeting
+            assert server.connection_count == 0
+            done = run_netframe(
+                "bench", "--target", f"unix:{path}", "--duration", "0.5", "--warmup", "0.1",
+                "--conns", "2", "--workers", "1", "--no-progress",
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            assert path in done.stdout  # the report's target row
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_the_udp_scenario_needs_an_address_not_a_unix_socket() -> None:
+    assert_one_line_error(
+        run_netframe("bench", "--target", "unix:/tmp/x.sock", "--scenario", "udp"), 2,
+        "the udp scenario needs --target HOST:PORT, not a Unix socket",
+    )  # fmt: skip
 
 
 def test_a_refused_target_is_one_line_and_exit_1() -> None:

@@ -10,7 +10,7 @@ import pytest
 from conftest import CliServer, assert_one_line_error, run_netframe
 
 from netframe import Address, Config, ConfigError, parse_address
-from netframe.config import settings
+from netframe.config import parse_unix_path, settings
 
 
 def test_defaults_listen_on_tcp_and_udp_9999_like_the_seeds() -> None:
@@ -24,6 +24,37 @@ def test_giving_one_transport_replaces_the_default_set() -> None:
     assert config.tcp_addresses == (Address("::1", 0), Address("127.0.0.1", 7000))
     assert config.udp_addresses == ()
     assert Config(udp="127.0.0.1:5").tcp_addresses == ()
+
+
+def test_a_unix_socket_alone_replaces_the_default_set() -> None:
+    config = Config(unix="/run/app.sock")
+    assert config.unix == ("/run/app.sock",)
+    assert config.tcp_addresses == config.udp_addresses == ()
+    assert config.listeners_given
+    assert not Config().listeners_given
+    assert Config(unix=[]).tcp_addresses == (Address("127.0.0.1", 9999),)
+
+
+@pytest.mark.parametrize(
+    ("text", "mode"), [("660", 0o660), ("0600", 0o600), ("0o666", 0o666), ("0", 0)]
+)
+def test_unix_mode_is_octal(text: str, mode: int) -> None:
+    assert settings()["unix_mode"].parse(text) == mode
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "must be a non-empty string"),
+        ("@name", "abstract-namespace sockets (@name) are not served"),
+        ("/tmp/a\0b", "holds a NUL byte"),
+        ("/" + "x" * 107, "is 108 bytes; a socket address holds at most 107"),
+    ],
+)
+def test_bad_unix_paths_are_refused(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_unix_path(text)
+    assert parse_unix_path("/" + "x" * 106) == "/" + "x" * 106
 
 
 @pytest.mark.parametrize(
@@ -83,6 +114,15 @@ def test_address_str_round_trips() -> None:
         ({"shutdown_timeout_s": float("nan")}, "shutdown_timeout_s must be more than 0"),
         ({"bare_message_delay_s": float("inf")}, "must be more than 0 seconds"),
         ({"backlog": 10**9}, "at most 65535"),
+        ({"unix": ["@x"]}, "unix: Unix socket path '@x'"),
+        ({"unix_mode": 0o1000}, "unix_mode must be a file mode from 0o000 to 0o777, not 0o1000"),
+        ({"unix_mode": "660"}, "unix_mode must be a file mode"),
+        ({"proxy_protocol": "v3"}, "proxy_protocol must be one of off, v1, v2, any"),
+        ({"proxy_protocol": "v2"}, "proxy_protocol \\(--proxy-protocol\\) needs proxy_allow"),
+        ({"proxy_allow": ["lb.example"]}, "'lb.example' is not an IP address or network"),
+        ({"proxy_allow": ["10.0.0.1/8"]}, "has host bits set: write 10.0.0.0/8"),
+        ({"proxy_allow": [5]}, "proxy_allow must hold IP addresses or networks"),
+        ({"proxy_timeout_s": 0}, "proxy_timeout_s must be more than 0"),
     ],
 )
 def test_invalid_settings_name_the_setting(changes: dict[str, object], message: str) -> None:
@@ -138,7 +178,9 @@ def test_every_setting_is_reachable_from_the_file_and_the_environment(tmp_path: 
         "send_timeout_s": "2", "backlog": "7", "max_pending_messages": "2",
         "shutdown_timeout_s": "3", "udp_max_datagram_bytes": "512", "udp_rate": "0",
         "udp_rate_sources": "4", "udp_receive_buffer_bytes": "65536",
-        "udp_allow_ports": "[53, 123]",
+        "udp_allow_ports": "[53, 123]", "unix": '["/tmp/a.sock", "/tmp/b.sock"]',
+        "unix_mode": "0o600", "proxy_protocol": '"v2"',
+        "proxy_allow": '["10.0.0.0/8", "192.0.2.7"]', "proxy_timeout_s": "2",
     }  # fmt: skip
     assert set(file_values) == set(settings())  # a new setting must be added here
     from_file = Config.load(
@@ -164,6 +206,12 @@ def test_every_setting_is_reachable_from_the_file_and_the_environment(tmp_path: 
         ('framing = "lines"', "framing: 'lines' is not one of auto, line, raw, length"),
         ('tcp = ["localhost"]', "tcp: malformed address 'localhost'"),
         ("udp_allow_ports = [70000]", "udp_allow_ports: must hold ports from 1 to 65535"),
+        ('unix = ["@abstract"]', "unix: Unix socket path '@abstract': abstract-namespace"),
+        ("unix = [5]", "unix: a Unix socket path must be a non-empty string, not 5"),
+        ('unix_mode = "0o1777"', "unix_mode: '0o1777' is not a file mode: at most 777"),
+        ("unix_mode = 660", "unix_mode: must be a file mode from 0o000 to 0o777, not 0o1224"),
+        ('proxy_allow = ["10.0.0.1/8"]', "proxy_allow: '10.0.0.1/8' has host bits set"),
+        ("proxy_allow = [10]", "proxy_allow: must hold IP addresses or networks, not 10"),
         ("tcp = [", "netframe.toml: not valid TOML"),
     ],
 )
@@ -185,6 +233,7 @@ def test_file_errors_name_the_file_the_key_and_the_reason(
             "(did you mean NETFRAME_IDLE_TIMEOUT_S?)",
         ),
         ({"NETFRAME_TCP": "127.0.0.1:99999"}, "NETFRAME_TCP: malformed address"),
+        ({"NETFRAME_PROXY_ALLOW": "10.0.0.0/8,lb"}, "NETFRAME_PROXY_ALLOW: 'lb' is not an IP"),
     ],
 )
 def test_environment_errors_name_the_variable_and_the_reason(
@@ -263,3 +312,22 @@ def test_checks_made_by_config_too_name_their_source(
 ) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         Config.load(write(tmp_path, text + "\n"), environ=environ)
+
+
+def test_proxy_allow_takes_addresses_and_networks_from_every_source(tmp_path: Path) -> None:
+    import ipaddress
+
+    expected = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::7"))
+    assert Config(proxy_allow=["10.0.0.0/8", "2001:db8::7"]).proxy_allow == expected
+    assert Config(proxy_allow=[ipaddress.ip_address("2001:db8::7")]).proxy_allow == expected[1:]
+    from_env = Config.load(environ={"NETFRAME_PROXY_ALLOW": "10.0.0.0/8, 2001:db8::7"})
+    assert from_env.proxy_allow == expected
+    path = write(tmp_path, 'proxy_protocol = "any"\nproxy_allow = "10.0.0.0/8"\n')
+    assert Config.load(path, environ={}).proxy_allow == expected[:1]
+
+
+def test_serve_with_the_proxy_protocol_but_no_trusted_balancer_is_one_line_and_exit_2() -> None:
+    done = run_netframe("serve", "--proxy-protocol", "v2", "--tcp", "127.0.0.1:0")
+    assert_one_line_error(done, 2, "needs proxy_allow (--proxy-allow)")
+    done = run_netframe("serve", "--proxy-protocol", "v2", "--proxy-allow", "10.0.0.1/8")
+    assert_one_line_error(done, 2, "has host bits set: write 10.0.0.0/8")

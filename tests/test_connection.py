@@ -436,6 +436,9 @@ def test_memory_connection_reports_the_interface() -> None:
     assert first.close_reason is CloseReason.HANDLER_ABORTED
     second.disconnect()
     assert second.close_reason is CloseReason.PEER_CLOSED
+    balancer = InetAddress("10.0.1.5", 40000)
+    proxied = MemoryConnection(Recorder, peer=InetAddress("203.0.113.7", 1), via=balancer)
+    assert proxied.via == balancer
 
 
 class Kill(Handler):

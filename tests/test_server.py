@@ -123,9 +123,9 @@ async def test_sockets_bound_elsewhere_are_served_in_place_of_addresses() -> Non
     assert datagrams.fileno() == -1
 
 
-async def test_a_socket_that_is_neither_stream_nor_datagram_is_refused() -> None:
+async def test_a_socket_netframe_cannot_serve_is_refused() -> None:
     left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with left, right, pytest.raises(netframe.ConfigError, match="not a stream or datagram"):
+    with left, right, pytest.raises(netframe.ConfigError, match="serves TCP and UDP sockets"):
         Server(sockets=[left])
 
 

@@ -425,37 +425,50 @@ class Hog(netframe.Handler):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("network", ["tcp", "unix"])
 def test_out_of_descriptors_refusals_are_answered_counted_and_service_returns(
-    loop_name: str, tmp_path: Any
+    loop_name: str, tmp_path: Any, network: str
 ) -> None:
     """Handlers use up the descriptors: on both loops later clients get the busy line, the
-    refusals are counted in the configured format, and service returns when they free."""
+    refusals are counted in the configured format, and service returns when they free.
+    Unix-socket listeners are guarded the same way as TCP ones."""
     import json
     import resource
     import subprocess
     import sys
 
     (tmp_path / "hog.py").write_text(HOG_HANDLER)
+    path = str(tmp_path / "hog.sock")
+    listener = ["--tcp", "127.0.0.1:0"] if network == "tcp" else ["--unix", path]
 
     def low_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 
     server = subprocess.Popen(
         [sys.executable, "-m", "netframe", "serve", "--log-format", "json", "--loop", loop_name,
-         "--tcp", "127.0.0.1:0", "--udp", "127.0.0.1:0", "--handler", "hog:Hog"],
+         *listener, "--udp", "127.0.0.1:0", "--handler", "hog:Hog"],
         stderr=subprocess.PIPE, text=True, preexec_fn=low_limit,
         env={**os.environ, "PYTHONPATH": str(tmp_path)},
     )  # fmt: skip
+
+    def connect() -> socket.socket:
+        if network == "tcp":
+            return socket.create_connection(("127.0.0.1", port), timeout=10)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.settimeout(10)
+        client.connect(path)
+        return client
+
     try:
         assert server.stderr is not None
         port = None
         while port is None:
             event = json.loads(server.stderr.readline())
-            if event["event"] == "listening" and event["transport"] == "tcp":
-                port = event["port"]
+            if event["event"] == "listening" and event["transport"] == network:
+                port = event.get("port", 0)
         clients, answers = [], []
         for _ in range(40):
-            client = socket.create_connection(("127.0.0.1", port), timeout=10)
+            client = connect()
             clients.append(client)
             answers.append(client.recv(100))
             time.sleep(0.03)  # arriving over a second, not in one burst
@@ -465,7 +478,7 @@ def test_out_of_descriptors_refusals_are_answered_counted_and_service_returns(
         for client in clients:
             client.close()
         time.sleep(1.0)
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as again:
+        with connect() as again:
             assert again.recv(100) == b"Welcome!"
     finally:
         server.terminate()

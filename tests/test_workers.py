@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -464,3 +466,41 @@ def test_a_script_runs_its_own_handler_class_in_workers(tmp_path: Path) -> None:
         proc.wait(WAIT_S)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def test_a_unix_socket_is_one_socket_shared_by_the_workers(
+    supervised: Callable[..., Supervised],
+) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="nf-", dir="/tmp"))  # short enough for a socket path
+    path = str(folder / "app.sock")
+    try:
+        (folder / "app.sock").touch()  # not a socket: refused and left alone, as without workers
+        done = run_netframe("serve", "--workers", "2", "--unix", path)
+        assert_one_line_error(done, 1, f"cannot listen on unix {path}: the path exists and is not")
+        assert (folder / "app.sock").read_bytes() == b""
+        os.unlink(path)
+        server = supervised("--unix", path, "--tcp", "127.0.0.1:0")
+        listening = server.matching("listening", transport="unix")
+        assert sorted((e["worker"], e["path"]) for e in listening) == [("1", path), ("2", path)]
+        for _ in range(10):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.settimeout(WAIT_S)
+                client.connect(path)
+                assert recv_exactly(client, 8) == b"Welcome!"
+                client.sendall(b"Bob")
+                assert recv_exactly(client, 11) == b"Hello, Bob!"
+        opened = server.wait_for("connection_opened", 10, timeout_s=WAIT_S)
+        assert {e["transport"] for e in opened} == {"unix"}
+        assert {e["worker"] for e in opened} <= {"1", "2"}
+        assert os.path.exists(path)  # a worker that stops never removes it
+        assert server.stop() == 0
+        assert not os.path.exists(path)  # the supervisor bound it, and removed it
+        # A stale file (a supervisor killed outright) is replaced at the next start.
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(path)
+        stale.close()
+        server = supervised("--unix", path)
+        assert server.matching("stale_socket_replaced", path=path, worker="supervisor")
+        assert server.stop() == 0
+    finally:
+        shutil.rmtree(folder)

@@ -17,6 +17,8 @@ or, inside an application's event loop::
         await server.serve_forever()
 """
 
+# First: it decides between the compiled and the pure build before a hot-path module loads.
+from netframe._build import BUILD as BUILD  # isort: skip
 from netframe._errors import Error
 from netframe._version import __version__
 from netframe.client import ClientError, TcpClient, UdpClient

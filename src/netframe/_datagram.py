@@ -31,7 +31,7 @@ class BatchedDatagramTransport(asyncio.DatagramTransport):
         self,
         loop: asyncio.AbstractEventLoop,
         sock: socket.socket,
-        protocol: asyncio.DatagramProtocol,
+        protocol: Any,  # an asyncio datagram protocol by its methods (UdpEndpoint)
         read_size: int,
     ) -> None:
         super().__init__({"socket": sock, "sockname": sock.getsockname()})
@@ -89,7 +89,7 @@ class BatchedDatagramTransport(asyncio.DatagramTransport):
 
 
 async def open_datagram_endpoint(
-    protocol: asyncio.DatagramProtocol,
+    protocol: Any,  # an asyncio datagram protocol by its methods (UdpEndpoint)
     host: str,
     port: int,
     *,
@@ -121,10 +121,14 @@ async def open_datagram_endpoint(
 
 
 async def serve_datagram_socket(
-    protocol: asyncio.DatagramProtocol, sock: socket.socket, *, max_datagram_bytes: int
+    protocol: Any,  # an asyncio datagram protocol by its methods (UdpEndpoint)
+    sock: socket.socket,
+    *,
+    max_datagram_bytes: int,
 ) -> asyncio.DatagramTransport:
-    """Serve an already bound UDP socket (``open_datagram_endpoint``'s, or one a worker
-    process was handed by the ``--workers`` supervisor) with ``protocol``."""
+    """Serve a bound UDP socket (one of ours, one handed over by systemd, or one a
+    worker process was handed by the ``--workers`` supervisor) with ``protocol``, on
+    the transport that suits the running loop. The socket is made non-blocking."""
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
     if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
+from structlog.typing import FilteringBoundLogger
+
 from netframe.config import Config
-from netframe.framing import Framer, make_framer
+from netframe.framing import Framer, FramerLike, make_framer
 from netframe.handlers import Handler, InetAddress, PeerAddress
 from netframe.handlers._interface import unmapped_host as normalise_host
 from netframe.limits import DeadlineWheel, EventSummary
 from netframe.logs import ConnectionLog, connection_log
 
 if TYPE_CHECKING:
-    from structlog.typing import FilteringBoundLogger
-
     from netframe.tcp import TcpEndpoint
 
 __all__ = ["TICK_S", "EndpointContext", "error_reply", "format_peer", "normalise_host"]
@@ -60,83 +59,72 @@ def line_limit_reply(max_line_bytes: int) -> bytes:
     return error_reply(f"line exceeds {max_line_bytes} bytes")
 
 
-@dataclasses.dataclass(slots=True, eq=False)
 class EndpointContext:
-    """Everything the endpoints of one server share, computed once at start."""
+    """Everything the endpoints of one server share, computed once at start.
 
-    config: Config
-    handler_factory: Callable[[], Handler]
-    log: FilteringBoundLogger
-    # Live TCP endpoints, for graceful shutdown and stats.
-    connections: set[TcpEndpoint] = dataclasses.field(default_factory=set)
-    # Open TCP connections per client address, kept only when max_per_ip is set.
-    per_ip: dict[str, int] = dataclasses.field(default_factory=dict)
-    # Most TCP connections at once; the server resolves "auto" when it starts.
-    max_connections: int = 2**31
-    # The coarse clock (loop time), advanced every TICK_S by the server.
-    now: float = 0.0
-    # The read buffer every BufferedTcpEndpoint of the server reads into, in turn.
-    read_buffer: memoryview = dataclasses.field(
-        default_factory=lambda: memoryview(bytearray(READ_BUFFER_BYTES))
-    )
-    # Connections opened since the last tick: their first deadline check enters the
-    # wheel at the tick, so a connection that closes before it never touches the wheel.
-    arrivals: list[TcpEndpoint] = dataclasses.field(default_factory=list)
-    # Connections waiting for their next deadline check.
-    wheel: DeadlineWheel[TcpEndpoint] = dataclasses.field(
-        default_factory=lambda: DeadlineWheel(TICK_S)
-    )
-    # async on_disconnect calls still running; a stopping server waits for them.
-    background: set[asyncio.Task[None]] = dataclasses.field(default_factory=set)
-    # Set by a stopping server; the last connection to close sets it.
-    all_closed: asyncio.Event | None = None
-    # True once the server stops: a connection accepted in that instant closes at once,
-    # and connections that finish their message close.
-    stopping: bool = False
-    summary: EventSummary = dataclasses.field(
-        default_factory=lambda: EventSummary(SUMMARY_INTERVAL_S)
-    )
-    # Made by the server (where a user framer's errors are reported); else from config.
-    framers: Callable[[], Framer] | None = None
-    framer_factory: Callable[[], Framer] = dataclasses.field(init=False)
-    # The framer's own reply encoding, when it has one (length framing, user framers);
-    # None: replies are payload + terminator, with no call.
-    framer_encodes: bool = dataclasses.field(init=False)
-    encoding: str = dataclasses.field(init=False)
-    # Per-message debug events are built only when debug is on: the hot path pays one
-    # attribute test instead of a logger call.
-    debug: bool = dataclasses.field(init=False)
-    # Whether per-connection info events (opened, closed) are logged at all, and the
-    # cheap way to log them when netframe's own logging set-up is in force.
-    info: bool = dataclasses.field(init=False)
-    connection_log: ConnectionLog | None = dataclasses.field(init=False)
-    undecodable_reply: bytes = dataclasses.field(init=False)
-    next_id: Callable[[], int] = dataclasses.field(init=False)
-    line_limit_reply: bytes = dataclasses.field(init=False)
-    strip_datagram_terminator: bool = dataclasses.field(init=False)
+    A plain class rather than a dataclass: it is a native class in the compiled build,
+    where the endpoints read its fields as struct members.
+    """
 
-    def __post_init__(self) -> None:
-        config = self.config
-        self.framer_factory = self.framers or make_framer(
+    def __init__(
+        self,
+        config: Config,
+        handler_factory: Callable[[], Handler],
+        log: FilteringBoundLogger,
+        framers: Callable[[], FramerLike] | None = None,
+    ) -> None:
+        self.config = config
+        self.handler_factory = handler_factory
+        # Resolve structlog's lazy proxy once: every connection binds from a real logger.
+        self.log: FilteringBoundLogger = log.bind()
+        # Live TCP endpoints, for graceful shutdown and stats.
+        self.connections: set[TcpEndpoint] = set()
+        # Open TCP connections per client address, kept only when max_per_ip is set.
+        self.per_ip: dict[str, int] = {}
+        # Most TCP connections at once; the server resolves "auto" when it starts.
+        self.max_connections = 2**31
+        # The coarse clock (loop time), advanced every TICK_S by the server.
+        self.now = 0.0
+        # The read buffer every BufferedTcpEndpoint of the server reads into, in turn.
+        self.read_buffer = memoryview(bytearray(READ_BUFFER_BYTES))
+        # Connections opened since the last tick: their first deadline check enters the
+        # wheel at the tick, so a connection that closes before it never touches the wheel.
+        self.arrivals: list[TcpEndpoint] = []
+        # Connections waiting for their next deadline check.
+        self.wheel: DeadlineWheel[TcpEndpoint] = DeadlineWheel(TICK_S)
+        # async on_disconnect calls still running; a stopping server waits for them.
+        self.background: set[asyncio.Task[None]] = set()
+        # Set by a stopping server; the last connection to close sets it.
+        self.all_closed: asyncio.Event | None = None
+        # True once the server stops: a connection accepted in that instant closes at
+        # once, and connections that finish their message close.
+        self.stopping = False
+        self.summary = EventSummary(SUMMARY_INTERVAL_S)
+        # Made by the server (where a user framer's errors are reported); else from config.
+        self.framer_factory: Callable[[], FramerLike] = framers or make_framer(
             config.framing,
             config.max_line_bytes,
             config.bare_message_delay_s,
             config.length_prefix_bytes,
         )
+        # The framer's own reply encoding, when it has one (length framing, user
+        # framers); False: replies are payload + terminator, with no call.
         self.framer_encodes = type(self.framer_factory()).encode is not Framer.encode
         self.encoding = config.encoding
-        # Resolve structlog's lazy proxy once: every connection binds from a real logger.
-        self.log = self.log.bind()
         # netframe's own per-connection and per-message events follow config.log_level
         # even where the application's structlog set-up would let everything through.
         floor = logging.getLevelNamesMapping()[config.log_level.upper()]
         enabled = getattr(self.log, "is_enabled_for", lambda level: True)
+        # Per-message debug events are built only when debug is on: the hot path pays
+        # one attribute test instead of a logger call.
         self.debug = floor <= logging.DEBUG and bool(enabled(logging.DEBUG))
+        # Whether per-connection info events (opened, closed) are logged at all, and the
+        # cheap way to log them when netframe's own logging set-up is in force.
         self.info = floor <= logging.INFO and bool(enabled(logging.INFO))
-        self.connection_log = connection_log() if self.info else None
+        self.connection_log: ConnectionLog | None = connection_log() if self.info else None
         self.undecodable_reply = undecodable_reply(config.encoding)
         self.line_limit_reply = line_limit_reply(config.max_line_bytes)
-        self.next_id = _connection_ids.__next__
+        self.next_id: Callable[[], int] = _connection_ids.__next__
         self.strip_datagram_terminator = config.framing in ("auto", "line")
 
     def refused(self, reason: str, count: int = 1) -> None:

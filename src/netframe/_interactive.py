@@ -133,11 +133,21 @@ async def _stop(task: asyncio.Task[None]) -> None:
         task.result()
 
 
-async def interact_tcp(args: argparse.Namespace) -> None:
+async def open_stream(args: argparse.Namespace) -> TcpClient:
+    """The command line's stream connection: TCP to ``HOST:PORT``, or a Unix socket
+    when ``args.address`` is a path."""
+    if isinstance(args.address, str):
+        return await TcpClient.connect_unix(
+            args.address, framing=args.framing, timeout_s=args.timeout_s
+        )
     address: Address = args.address
-    async with await TcpClient.connect(
+    return await TcpClient.connect(
         address.host, address.port, framing=args.framing, timeout_s=args.timeout_s
-    ) as client:
+    )
+
+
+async def interact_tcp(args: argparse.Namespace) -> None:
+    async with await open_stream(args) as client:
         replied = asyncio.Event()
 
         async def print_replies() -> None:

@@ -1,4 +1,4 @@
-"""Binding a listener once per worker: one group of ``SO_REUSEPORT`` sockets per address.
+"""The sockets of ``--workers N``: one group of ``SO_REUSEPORT`` sockets per address.
 
 The kernel spreads connections (and UDP flows) over the sockets of a group by a hash of
 the addresses, each socket with an accept queue of its own. The first socket of each
@@ -7,24 +7,67 @@ single server's does, if anything at all holds the port, a group of another prog
 ``SO_REUSEPORT`` sockets included. So a second netframe never joins a running one; only
 a process of the same user that sets the option itself can still join ours (the kernel
 lets nobody else).
+
+A Unix socket has no ``SO_REUSEPORT``: it is bound once (as a single server binds it,
+stale files and all) and that one socket is shared by every worker, one accept queue for
+all; the supervisor removes its file when it stops. Sockets systemd handed over are
+shared the same way, each of them by every worker.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from collections.abc import Callable
 from typing import Any
 
 from netframe._datagram import ask_receive_buffer
+from netframe._unix import FileIdentity, bind_unix_listener, remove_socket_file
 from netframe.config import Config
+from netframe.logs import get_logger
 from netframe.server import listen_error, prepare_tcp_listener
 
-__all__ = ["bind_groups"]
+__all__ = ["Listeners", "bind_groups", "share"]
 
 
-def bind_groups(config: Config, count: int) -> list[list[socket.socket]]:
-    """For every listener, ``count`` sockets bound to one address (all or none)."""
-    groups: list[list[socket.socket]] = []
+@dataclasses.dataclass(slots=True)
+class Listeners:
+    """The supervisor's sockets: for every listener, one socket per worker (the same
+    socket ``count`` times where it is shared), and the Unix socket files it bound."""
+
+    groups: list[list[socket.socket]] = dataclasses.field(default_factory=list)
+    unix_files: list[tuple[str, FileIdentity]] = dataclasses.field(default_factory=list)
+
+    def for_worker(self, index: int) -> list[socket.socket]:
+        """The sockets worker ``index`` (from 1) serves."""
+        return [group[index - 1] for group in self.groups]
+
+    def close(self) -> None:
+        """Close every socket, and remove the socket files (still ours) first, as a
+        single server does: new clients are told at once that it is gone."""
+        for path, identity in self.unix_files:
+            try:
+                remove_socket_file(path, identity)
+            except OSError as exc:
+                get_logger().warning(
+                    "unix_socket_not_removed", path=path, error=exc.strerror or str(exc)
+                )
+        self.unix_files.clear()
+        for group in self.groups:
+            for sock in group:
+                sock.close()
+
+
+def share(sockets: list[socket.socket], count: int) -> Listeners:
+    """Sockets made elsewhere (handed over by systemd), each shared by ``count`` workers."""
+    return Listeners([[sock] * count for sock in sockets])
+
+
+def bind_groups(config: Config, count: int) -> Listeners:
+    """For every listener of ``config``, ``count`` sockets bound to one address (all or
+    none), and each Unix socket bound once, shared by all."""
+    listeners = Listeners()
+    groups = listeners.groups
     try:
         for address in config.tcp_addresses:
             try:
@@ -55,12 +98,22 @@ def bind_groups(config: Config, count: int) -> list[list[socket.socket]]:
                 )  # fmt: skip
             except OSError as exc:
                 raise listen_error("udp", address, exc) from None
+        for path in config.unix:
+            try:
+                bound = bind_unix_listener(
+                    path, config.unix_mode, config.backlog,
+                    lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM),
+                )  # fmt: skip
+            except OSError as exc:
+                raise listen_error("unix", path, exc) from None
+            listeners.unix_files.append((bound.path, bound.identity))
+            groups.append([bound.sock] * count)
+            if bound.replaced_stale:
+                get_logger().warning("stale_socket_replaced", path=bound.path)
     except BaseException:
-        for group in groups:
-            for sock in group:
-                sock.close()
+        listeners.close()
         raise
-    return groups
+    return listeners
 
 
 def _bind_group(

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from netframe.config import Address, Config, ConfigError, Setting, settings
+from netframe.config import REPEATABLE_KINDS, Address, Config, ConfigError, Setting, settings
 from netframe.handlers import HandlerError, resolve_handler
 
 __all__ = ["ENV_PREFIX", "load_config"]
@@ -79,11 +79,11 @@ def _from_file(path: Path) -> dict[str, Any]:
 def _file_value(setting: Setting, value: Any) -> Any:
     """A TOML value as the field holds it: text parsed as a flag's argument would be,
     numbers and lists as they are (checked next)."""
-    if setting.kind in ("addresses", "ports"):
+    if setting.kind in REPEATABLE_KINDS:
         items = value if isinstance(value, list) else [value]
         return tuple(setting.parse(item) if isinstance(item, str) else item for item in items)
     if isinstance(value, str) and (
-        setting.kind in ("choice", "framing") or value.strip().lower() == "auto"
+        setting.kind in ("choice", "framing", "mode") or value.strip().lower() == "auto"
     ):
         return setting.parse(value)
     return value
@@ -128,7 +128,7 @@ def _read(
 
 
 def _text_value(setting: Setting, text: str) -> Any:
-    if setting.kind in ("addresses", "ports"):
+    if setting.kind in REPEATABLE_KINDS:
         return tuple(setting.parse(item) for item in text.split(",") if item.strip())
     if not text.strip():
         raise ConfigError("is empty")

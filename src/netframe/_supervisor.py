@@ -25,12 +25,20 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
 from netframe._errors import Error
-from netframe._reuseport import bind_groups
+from netframe._reuseport import Listeners, bind_groups, share
 from netframe._worker import FORCE, STOP, WorkerSpec, worker_main
 from netframe.config import Config, ConfigError
 from netframe.logs import configure_logging, flush_logs, get_logger, lifecycle_logger
 from netframe.loops import loop_factory
-from netframe.server import EXIT_FORCED, Server, StartError
+from netframe.server import (
+    EXIT_FORCED,
+    Server,
+    StartError,
+    failure_reason,
+    listener_kind,
+    log_handover,
+)
+from netframe.systemd import Handover, Notifier, take
 
 __all__ = ["Supervisor"]
 
@@ -50,7 +58,7 @@ KILL_GRACE_S: Final = 5.0
 _STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 
 
-def _check(config: Config) -> None:
+def _check(config: Config, handover: Handover) -> None:
     """Refuse what would only fail in every worker, before anything is bound."""
     if not sys.platform.startswith("linux"):
         raise ConfigError("workers need Linux: elsewhere SO_REUSEPORT does not spread connections")
@@ -60,6 +68,8 @@ def _check(config: Config) -> None:
             'under `if __name__ == "__main__":`'
         )
     Server(config)  # the handler and the framer resolve here, as in each worker
+    for each in handover.sockets:  # one that cannot be served: one line, as without workers
+        listener_kind(each.sock)
     loop_factory(config.loop)
     try:
         pickle.dumps(config)
@@ -93,7 +103,11 @@ class Supervisor:
     def __init__(self, config: Config, count: int) -> None:
         self._config = config
         self._slots = [_Slot(index) for index in range(1, count + 1)]
-        self._groups: list[list[socket.socket]] = []
+        self._listeners = Listeners()
+        self._handover = Handover([], None, None)
+        # systemd's watchdog, fed from this loop: (the notify socket, the interval).
+        self._watchdog: tuple[Notifier, float] | None = None
+        self._watchdog_at = 0.0
         self._context = multiprocessing.get_context("spawn")
         self._selector = selectors.DefaultSelector()
         self._signals: list[int] = []
@@ -108,22 +122,39 @@ class Supervisor:
 
     def run(self) -> int:
         config = self._config
-        _check(config)
+        # systemd's variables, read once here and removed, so that no worker takes them:
+        # the supervisor is the service's main process, the one that notifies.
+        handover = self._handover = take()
+        _check(config, handover)
         configure_logging(config.log_format, config.log_level, worker="supervisor")
+        log_handover(handover, config)
+        count = len(self._slots)
         try:
-            self._groups = bind_groups(config, len(self._slots))
+            if handover.sockets:  # the socket unit's sockets, each shared by every worker
+                self._listeners = share([each.sock for each in handover.sockets], count)
+            else:
+                self._listeners = bind_groups(config, count)
             with self._signal_handling():
-                self._log.info("workers_starting", workers=len(self._slots), pid=os.getpid())
+                self._log.info("workers_starting", workers=count, pid=os.getpid())
+                if handover.notify is not None and handover.watchdog_s is not None:
+                    # Fed from the start, as by one server: a start that hangs is a hang.
+                    self._watchdog = (handover.notify, handover.watchdog_s)
                 for slot in self._slots:
                     if not self._stopping:
                         self._spawn(slot)
                 self._loop()
+        except Exception as exc:
+            if handover.notify is not None:
+                handover.notify.status(f"Failed to start: {failure_reason(exc)}")
+            raise
         finally:
             self._close_sockets()
             self._kill_all()  # only after a bug here: every path above reaps its workers
             self._selector.close()
             flush_logs()
         if self._error is not None:
+            if handover.notify is not None:
+                handover.notify.status(f"Failed to start: {failure_reason(self._error)}")
             raise self._error
         lifecycle_logger().info(
             "workers_stopped",
@@ -149,6 +180,8 @@ class Supervisor:
         due = [slot.restart_at for slot in self._slots if slot.restart_at is not None]
         if self._kill_at is not None:
             due.append(self._kill_at)
+        if self._watchdog is not None:
+            due.append(self._watchdog_at)
         return max(0.0, min(due) - time.monotonic()) if due else None
 
     def _run_timers(self) -> None:
@@ -164,14 +197,16 @@ class Supervisor:
                     self._log.error("worker_killed", index=slot.index, pid=slot.pid)
                     slot.process.kill()
             self._status = 1
+        if self._watchdog is not None and now >= self._watchdog_at:
+            notify, interval_s = self._watchdog
+            notify.watchdog()
+            self._watchdog_at = now + interval_s
 
     # -- workers -------------------------------------------------------------------------
 
     def _spawn(self, slot: _Slot) -> None:
         ours, theirs = self._context.Pipe()
-        spec = WorkerSpec(
-            slot.index, self._config, [group[slot.index - 1] for group in self._groups], theirs
-        )
+        spec = WorkerSpec(slot.index, self._config, self._listeners.for_worker(slot.index), theirs)
         process = self._context.Process(
             target=worker_main, args=(spec,), name=f"netframe-worker-{slot.index}", daemon=True
         )
@@ -233,6 +268,8 @@ class Supervisor:
                 pid=os.getpid(),
                 duration_s=round(now - self._began, 3),
             )
+            if self._handover.notify is not None:
+                self._handover.notify.ready(f"Serving with {len(self._slots)} workers")
 
     def _exited(self, slot: _Slot) -> None:
         process, link = slot.process, slot.link
@@ -319,8 +356,11 @@ class Supervisor:
         if self._stopping:
             return
         self._stopping = True
+        if self._handover.notify is not None:
+            self._handover.notify.stopping("Stopping: finishing open connections")
         # New connections are refused from now on, as they are by one process stopping:
-        # each listening socket closes with its worker's copy.
+        # each listening socket closes with its worker's copy (a shared one, Unix or
+        # systemd's, with the last worker's; the Unix socket's file goes at once).
         self._close_sockets()
         for slot in self._slots:
             slot.restart_at = None
@@ -328,9 +368,7 @@ class Supervisor:
         self._kill_at = time.monotonic() + self._config.shutdown_timeout_s + KILL_GRACE_S
 
     def _close_sockets(self) -> None:
-        for group in self._groups:
-            for sock in group:
-                sock.close()
+        self._listeners.close()
 
     def _kill_all(self) -> None:
         for slot in self._slots:

@@ -16,18 +16,28 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from netframe._interactive import InputError, encode, interact_tcp, interact_udp, show
+from netframe._build import BUILD
+from netframe._interactive import (
+    InputError,
+    encode,
+    interact_tcp,
+    interact_udp,
+    open_stream,
+    show,
+)
 from netframe._version import __version__
-from netframe.client import ClientError, TcpClient, UdpClient
+from netframe.client import ClientError, UdpClient
 from netframe.config import (
     FRAMINGS,
     LOOPS,
+    REPEATABLE_KINDS,
     Address,
     Config,
     ConfigError,
     Setting,
     default_text,
     parse_address,
+    parse_unix_path,
     settings,
 )
 from netframe.handlers import HandlerError
@@ -75,6 +85,22 @@ def _address(text: str) -> Address:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _target(text: str) -> Address | str:
+    """A server to connect to: ``HOST:PORT``, or a Unix socket as ``unix:PATH`` or any
+    path with a ``/`` in it (which no ``HOST:PORT`` has): ``./app.sock``, ``/run/x``."""
+    try:
+        if text.startswith("unix:"):
+            return parse_unix_path(text.removeprefix("unix:"))
+        if "/" in text:
+            return parse_unix_path(text)
+        return parse_address(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_target.__name__ = "address"  # argparse names it in "invalid address value"
+
+
 def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
     def parse(text: str) -> float:
         try:
@@ -92,7 +118,7 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per :class:`Config` setting, made from the setting's own definition."""
     for name, setting in settings().items():
-        repeatable = setting.kind in ("addresses", "ports")
+        repeatable = setting.kind in REPEATABLE_KINDS
         parser.add_argument(
             setting.flag,
             dest=name,
@@ -120,7 +146,7 @@ def _from_text(setting: Setting) -> Callable[[str], Any]:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = _Parser(prog="netframe", description="Fast TCP and UDP servers on asyncio.")
-    parser.add_argument("--version", action="version", version=f"netframe {__version__}")
+    parser.add_argument("--version", action="version", version=f"netframe {__version__}, {BUILD}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = commands.add_parser(
@@ -148,7 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the replies as they arrive, like nc.",
     )
     # Optional to argparse only so that its message names what is missing: HOST:PORT.
-    client.add_argument("address", type=_address, metavar="HOST:PORT", nargs="?")
+    client.add_argument(
+        "address",
+        type=_target,
+        metavar="HOST:PORT",
+        nargs="?",
+        help="the server: HOST:PORT, or a Unix socket as unix:PATH or a path with a / "
+        "(./app.sock, /run/app.sock)",
+    )
     client.add_argument(
         "names",
         nargs="*",
@@ -205,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from netframe.bench.cli import add_bench_parser
 
-    add_bench_parser(commands, _address, _positive(int), _positive(float))
+    add_bench_parser(commands, _target, _positive(int), _positive(float))
     return parser
 
 
@@ -232,6 +265,11 @@ def _client(args: argparse.Namespace) -> int:
     if args.interactive and args.names:
         return _fail(
             "argument -i/--interactive: not allowed with NAME arguments (see --help)",
+            EXIT_USAGE,
+        )
+    if args.udp and isinstance(args.address, str):
+        return _fail(
+            f"argument --udp: needs HOST:PORT, not the Unix socket {args.address} (see --help)",
             EXIT_USAGE,
         )
     try:
@@ -264,10 +302,7 @@ def _client(args: argparse.Namespace) -> int:
 
 
 async def _talk_tcp(args: argparse.Namespace, names: Sequence[str]) -> None:
-    address: Address = args.address
-    async with await TcpClient.connect(
-        address.host, address.port, framing=args.framing, timeout_s=args.timeout_s
-    ) as client:
+    async with await open_stream(args) as client:
         if not args.no_greeting:
             show(await client.receive(), args.encoding)
         for name in names:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Awaitable
 from typing import Any, cast
 
 from netframe._errors import Error
@@ -75,10 +76,10 @@ class _Receiver(asyncio.Protocol):
 
 
 class TcpClient:
-    """One TCP connection to a line or bare-message server.
+    """One TCP (or Unix-domain stream) connection to a line or bare-message server.
 
-    Use :meth:`connect`; then :meth:`send`, :meth:`receive`, and :meth:`close` (or
-    ``async with``).
+    Use :meth:`connect` (or :meth:`connect_unix`); then :meth:`send`, :meth:`receive`,
+    and :meth:`close` (or ``async with``).
     """
 
     def __init__(self, protocol: _Receiver, framing: Framing, timeout_s: float) -> None:
@@ -96,21 +97,45 @@ class TcpClient:
             ClientError: refused, unreachable, or no answer within ``timeout_s``.
         """
         loop = asyncio.get_running_loop()
+        connecting = loop.create_connection(lambda: _Receiver(framing), host, port)
+        return await cls._open(connecting, f"{host}:{port}", framing, timeout_s)
+
+    @classmethod
+    async def connect_unix(
+        cls, path: str, *, framing: Framing = "auto", timeout_s: float = 5.0
+    ) -> TcpClient:
+        """Connect to the Unix-domain stream socket at ``path``.
+
+        Raises:
+            ClientError: no such socket, refused, not allowed, or no answer within
+                ``timeout_s``.
+        """
+        loop = asyncio.get_running_loop()
+        connecting = loop.create_unix_connection(lambda: _Receiver(framing), path)
+        return await cls._open(connecting, path, framing, timeout_s)
+
+    @classmethod
+    async def _open(
+        cls,
+        connecting: Awaitable[tuple[asyncio.BaseTransport, _Receiver]],
+        where: str,
+        framing: Framing,
+        timeout_s: float,
+    ) -> TcpClient:
         try:
-            _, protocol = await asyncio.wait_for(
-                loop.create_connection(lambda: _Receiver(framing), host, port), timeout_s
-            )
+            _, protocol = await asyncio.wait_for(connecting, timeout_s)
         except TimeoutError:
-            raise ClientError(f"connecting to {host}:{port} timed out") from None
+            raise ClientError(f"connecting to {where} timed out") from None
         except OSError as exc:
-            raise ClientError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+            raise ClientError(f"cannot connect to {where}: {exc.strerror or exc}") from None
         return cls(protocol, framing, timeout_s)
 
     @property
-    def peer(self) -> tuple[Any, ...]:
-        """The server's address."""
+    def peer(self) -> tuple[Any, ...] | str:
+        """The server's address: a socket address tuple, or a Unix socket's path."""
         assert self._protocol.transport is not None
-        return tuple(self._protocol.transport.get_extra_info("peername"))
+        peer = self._protocol.transport.get_extra_info("peername")
+        return peer if isinstance(peer, str) else tuple(peer)
 
     def send(self, message: str | bytes, encoding: str = "utf-8") -> None:
         """Send one message (with ``\\n`` added in line framing)."""

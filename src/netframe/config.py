@@ -33,8 +33,11 @@ __all__ = [
     "HandlerSpec",
     "LogFormat",
     "LoopName",
+    "ProxyProtocol",
     "Setting",
     "parse_address",
+    "parse_network",
+    "parse_unix_path",
     "settings",
     "settings_markdown",
 ]
@@ -42,6 +45,7 @@ __all__ = [
 Framing: TypeAlias = Literal["auto", "line", "raw"]
 LoopName: TypeAlias = Literal["auto", "asyncio", "uvloop"]
 LogFormat: TypeAlias = Literal["console", "json"]
+ProxyProtocol: TypeAlias = Literal["off", "v1", "v2", "any"]
 # A built-in handler's name, "module:attribute", or a callable that makes one handler.
 HandlerSpec: TypeAlias = "str | Callable[[], Handler]"
 
@@ -52,6 +56,7 @@ SERVER_FRAMINGS: tuple[str, ...] = (*FRAMINGS, "length")
 LOOPS: tuple[LoopName, ...] = ("auto", "asyncio", "uvloop")
 LOG_FORMATS: tuple[LogFormat, ...] = ("console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+PROXY_PROTOCOLS: tuple[ProxyProtocol, ...] = ("off", "v1", "v2", "any")
 
 # The seeds' server listens on 127.0.0.1:9999, TCP and UDP side by side.
 DEFAULT_HOST = "127.0.0.1"
@@ -124,6 +129,48 @@ def _is_host(host: str) -> bool:
     return True
 
 
+#: The longest path a Unix socket can be bound to: ``sun_path`` holds 108 bytes on Linux,
+#: the last of which ends the string (104 on the BSDs and macOS).
+MAX_UNIX_PATH_BYTES: Final = 107
+
+
+def parse_unix_path(text: str) -> str:
+    """Check the path of a Unix-domain socket to listen on or connect to; return it.
+
+    Raises:
+        ConfigError: with a one-line reason: empty, not text, a NUL byte, a name in
+            Linux's abstract namespace (``@name``, not served), or longer than a socket
+            address holds.
+    """
+    if not isinstance(text, str) or not text:
+        raise ConfigError(f"a Unix socket path must be a non-empty string, not {text!r}")
+    if "\0" in text:
+        raise ConfigError(f"Unix socket path {text!r} holds a NUL byte")
+    if text.startswith("@"):
+        raise ConfigError(
+            f"Unix socket path {text!r}: abstract-namespace sockets (@name) are not served; "
+            "give a file path (./@name for a file of that name)"
+        )
+    size = len(os.fsencode(text))
+    if size > MAX_UNIX_PATH_BYTES:
+        raise ConfigError(
+            f"Unix socket path {text!r} is {size} bytes; a socket address holds at most "
+            f"{MAX_UNIX_PATH_BYTES} (use a shorter path, or a relative one)"
+        )
+    return text
+
+
+def _file_mode(text: str) -> int:
+    """``660``, ``0660`` or ``0o660`` -> 0o660."""
+    digits = text.strip().lower().removeprefix("0o")
+    if not digits or any(c not in "01234567" for c in digits):
+        raise ConfigError(f"{text!r} is not an octal file mode like 660")
+    mode = int(digits, 8)
+    if mode > 0o777:
+        raise ConfigError(f"{text!r} is not a file mode: at most 777 (rwx for all)")
+    return mode
+
+
 def _addresses(value: Sequence[str | Address] | None) -> tuple[Address, ...]:
     if value is None:
         return ()
@@ -135,6 +182,9 @@ def _addresses(value: Sequence[str | Address] | None) -> tuple[Address, ...]:
 Kind: TypeAlias = Literal[
     "addresses",
     "ports",
+    "paths",
+    "mode",
+    "networks",
     "text",
     "choice",
     "framing",
@@ -144,6 +194,10 @@ Kind: TypeAlias = Literal[
     "seconds",
     "seconds0",
 ]
+#: Kinds whose setting holds a list: the flag is repeatable, the environment variable
+#: comma-separated, the TOML value a list.
+REPEATABLE_KINDS: Final[tuple[Kind, ...]] = ("addresses", "ports", "paths", "networks")
+IPNetwork: TypeAlias = "ipaddress.IPv4Network | ipaddress.IPv6Network"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -163,7 +217,8 @@ class Setting:
     why: str
     #: What values are allowed: ``count`` (whole number >= 1), ``count0`` (>= 0, 0 = off),
     #: ``seconds`` (> 0), ``seconds0`` (>= 0, 0 = off), ``auto_count`` (``auto`` or a
-    #: count), ``choice``, ``text``, ``addresses`` and ``ports`` (repeatable).
+    #: count), ``choice``, ``text``, ``mode`` (an octal file mode), and ``addresses``,
+    #: ``ports``, ``paths`` and ``networks`` (IP addresses or networks) (repeatable).
     kind: Kind
     choices: tuple[str, ...] = ()
     metavar: str | None = None
@@ -181,6 +236,12 @@ class Setting:
             return parse_address(text)
         if kind == "ports":
             return _whole(text, 1, 65535)
+        if kind == "paths":
+            return parse_unix_path(text)
+        if kind == "mode":
+            return _file_mode(text)
+        if kind == "networks":
+            return parse_network(text)
         if kind in ("count", "count0"):
             return _whole(text, 1 if kind == "count" else 0, self.upper)
         if kind == "auto_count":
@@ -220,10 +281,63 @@ class Setting:
                 raise ConfigError(f"{name} must be {least} seconds, not {value!r}")
             if value > MAX_SECONDS:
                 raise ConfigError(f"{name} must be at most a year, not {value!r}")
+        elif kind == "paths":
+            for path in value:
+                try:
+                    parse_unix_path(path)
+                except ConfigError as exc:
+                    raise ConfigError(f"{name}: {exc}") from None
+        elif kind == "mode":
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
+                shown = oct(value) if isinstance(value, int) else repr(value)
+                raise ConfigError(f"{name} must be a file mode from 0o000 to 0o777, not {shown}")
+        elif kind == "networks":
+            for network in value:
+                if not isinstance(network, ipaddress.IPv4Network | ipaddress.IPv6Network):
+                    raise ConfigError(f"{name} must hold IP addresses or networks, not {network!r}")
         elif kind == "ports":
             for port in value:
                 if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
                     raise ConfigError(f"{name} must hold ports from 1 to 65535, not {port!r}")
+
+
+def parse_network(text: str) -> IPNetwork:
+    """``10.0.0.0/8``, ``192.0.2.7`` (a network of one) or ``2001:db8::/32`` as an
+    :mod:`ipaddress` network.
+
+    Raises:
+        ConfigError: not an address or network, or a network with host bits set.
+    """
+    if not isinstance(text, str):
+        raise ConfigError(f"{text!r} is not an IP address or network")
+    try:
+        return ipaddress.ip_network(text.strip())
+    except ValueError as exc:
+        if "host bits set" in str(exc):
+            network = ipaddress.ip_network(text.strip(), strict=False)
+            raise ConfigError(
+                f"{text!r} has host bits set: write {network} for the network, or the address alone"
+            ) from None
+        raise ConfigError(
+            f"{text!r} is not an IP address or network (like 10.0.0.0/8 or 192.0.2.7)"
+        ) from None
+
+
+def _networks(value: object) -> tuple[IPNetwork, ...]:
+    """Networks given in code: text is parsed, addresses become networks of one."""
+    if isinstance(value, str | ipaddress.IPv4Network | ipaddress.IPv6Network):
+        value = [value]
+    if not isinstance(value, Sequence):
+        raise ConfigError(f"proxy_allow must be a list of addresses or networks, not {value!r}")
+    networks = []
+    for item in value:
+        if isinstance(item, str):
+            networks.append(parse_network(item))
+        elif isinstance(item, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            networks.append(ipaddress.ip_network(item))
+        else:
+            networks.append(item)
+    return tuple(networks)
 
 
 def _whole(text: str, lowest: int, upper: float) -> int:
@@ -267,9 +381,10 @@ def _setting(default: Any, flag: str, help: str, why: str, kind: Kind, **more: A
 class Config:
     """Everything a server needs to know, validated once when it is built.
 
-    Listeners: when neither ``tcp`` nor ``udp`` is given, the server listens on both at
-    127.0.0.1:9999 as the tutorial's server does; giving either replaces that default
-    set, so ``Config(tcp=["[::1]:0"])`` listens on TCP only. Addresses may be strings
+    Listeners: when none of ``tcp``, ``udp`` and ``unix`` is given, the server listens on
+    TCP and UDP at 127.0.0.1:9999 as the tutorial's server does; giving any of them
+    replaces that default set, so ``Config(tcp=["[::1]:0"])`` listens on TCP only and
+    ``Config(unix=["/run/app.sock"])`` on that socket only. Addresses may be strings
     (``"127.0.0.1:9999"``, ``"[::1]:0"``) or :class:`Address` objects.
 
     Each field is one setting; :func:`settings` lists them with their flags and the
@@ -288,6 +403,19 @@ class Config:
     udp: Sequence[str | Address] | None = _setting(
         None, "--udp", "listen on UDP here (repeatable)",
         "the same address as TCP, as in the tutorial", "addresses", metavar="HOST:PORT",
+    )  # fmt: skip
+    unix: Sequence[str] = _setting(
+        (), "--unix",
+        "listen on a Unix-domain stream socket at this path (repeatable); served like TCP",
+        "for clients on the same machine (a local proxy, a sidecar): no port to allocate, "
+        "and file permissions decide who may connect", "paths", metavar="PATH",
+    )  # fmt: skip
+    unix_mode: int = _setting(
+        0o660, "--unix-mode",
+        "permissions of the Unix socket files the server creates, in octal",
+        "owner and group may connect, others may not, as Docker's socket is set; add the "
+        "clients' user to the service's group, or use 666 for every local user", "mode",
+        metavar="OCTAL",
     )  # fmt: skip
     handler: HandlerSpec = _setting(
         "greeting", "--handler", "greeting, echo, or module:attribute",
@@ -458,6 +586,27 @@ class Config:
         "aim our reply at that service, so none is answered unless allowed", "ports",
         metavar="PORT",
     )  # fmt: skip
+    proxy_protocol: ProxyProtocol = _setting(
+        "off", "--proxy-protocol",
+        "expect a PROXY protocol header from the load balancer on every TCP connection: "
+        "v1 (text), v2 (binary) or any (either); needs --proxy-allow",
+        "a header is a claim about who the client is, believable only on a port that only "
+        "the load balancer reaches: the server must be told, never guess (HAProxy's "
+        "specification)", "choice", choices=PROXY_PROTOCOLS,
+    )  # fmt: skip
+    proxy_allow: Sequence[str | IPNetwork] = _setting(
+        (), "--proxy-allow",
+        "a load balancer's address or network (10.0.0.0/8) allowed to send PROXY headers "
+        "(repeatable); connections from anywhere else are closed",
+        "none: whoever may send a header may claim any client address, so the trusted "
+        "balancers must be named", "networks", metavar="ADDRESS|NETWORK",
+    )  # fmt: skip
+    proxy_timeout_s: float = _setting(
+        5.0, "--proxy-timeout",
+        "seconds a connection has to deliver its PROXY header before it is closed",
+        "a balancer sends the header at once; the specification asks for at least 3 s so "
+        "a lost first segment can be retransmitted", "seconds", metavar="SECONDS",
+    )  # fmt: skip
 
     # The listen addresses, parsed from `tcp` and `udp` with the default set applied.
     tcp_addresses: tuple[Address, ...] = dataclasses.field(init=False)
@@ -466,16 +615,19 @@ class Config:
     def __post_init__(self) -> None:
         tcp: tuple[Address, ...]
         udp: tuple[Address, ...]
-        if self.tcp is None and self.udp is None:
+        unix = (self.unix,) if isinstance(self.unix, str) else tuple(self.unix or ())
+        object.__setattr__(self, "unix", unix)
+        if not self.listeners_given:
             tcp = udp = (Address(DEFAULT_HOST, DEFAULT_PORT),)
         else:
             tcp, udp = _addresses(self.tcp), _addresses(self.udp)
         object.__setattr__(self, "tcp_addresses", tcp)
         object.__setattr__(self, "udp_addresses", udp)
-        if not self.tcp_addresses and not self.udp_addresses:
-            raise ConfigError("no listeners: give at least one tcp or udp address")
+        if not self.tcp_addresses and not self.udp_addresses and not unix:
+            raise ConfigError("no listeners: give at least one tcp, udp or unix address")
         object.__setattr__(self, "log_level", str(self.log_level).lower())
         object.__setattr__(self, "udp_allow_ports", tuple(self.udp_allow_ports))
+        object.__setattr__(self, "proxy_allow", _networks(self.proxy_allow))
         for name, setting in _SETTINGS.items():
             setting.check(name, getattr(self, name))
         try:
@@ -487,11 +639,22 @@ class Config:
         if self.length_prefix_bytes not in (2, 4):
             prefix = self.length_prefix_bytes
             raise ConfigError(f"length_prefix_bytes must be 2 or 4, not {prefix!r}")
+        if self.proxy_protocol != "off" and not self.proxy_allow:
+            raise ConfigError(
+                "proxy_protocol (--proxy-protocol) needs proxy_allow (--proxy-allow): the "
+                "addresses or networks of the load balancers that may send the header"
+            )
         if self.write_buffer_low_bytes > self.write_buffer_high_bytes:
             raise ConfigError(
                 "write_buffer_low_bytes (--write-buffer-low) must not be above "
                 "write_buffer_high_bytes (--write-buffer)"
             )
+
+    @property
+    def listeners_given(self) -> bool:
+        """Whether any of ``tcp``, ``udp`` and ``unix`` was given; if none was, the
+        default set (TCP and UDP at 127.0.0.1:9999) applies."""
+        return self.tcp is not None or self.udp is not None or bool(self.unix)
 
     def replace(self, **changes: Any) -> Config:
         """Return a copy with ``changes`` applied and validated again."""
@@ -541,6 +704,8 @@ def default_text(name: str) -> str:
     value = _DEFAULTS[name]
     if value is None:
         return "auto" if setting.kind == "auto_count" else "127.0.0.1:9999 (TCP and UDP)"
+    if setting.kind == "mode":
+        return f"{value:04o}"
     if value == () or (value == 0 and setting.kind in ("count0", "seconds0")):
         return "off" if value == 0 else "none"
     if isinstance(value, float) and value.is_integer():

@@ -38,11 +38,14 @@ import functools
 import importlib
 import inspect
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol
+
+from mypy_extensions import mypyc_attr
 
 __all__ = [
     "AutoFramer",
     "Framer",
+    "FramerLike",
     "LengthFramer",
     "LineFramer",
     "Message",
@@ -61,6 +64,7 @@ CRLF: Final = b"\r\n"
 NONE: Final = b""
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Framer:
     """The interface between the byte stream and messages; subclass it for your own framing.
 
@@ -119,6 +123,32 @@ class Framer:
         return payload + terminator
 
 
+class FramerLike(Protocol):
+    """What the endpoint relies on in a framer: :class:`Framer`'s members, by shape.
+
+    A user's framer is usually a :class:`Framer` subclass, but any object with these
+    members will do, and the endpoint holds its framer by this type (a compiled
+    endpoint would otherwise insist on the class).
+    """
+
+    @property
+    def greeting_terminator(self) -> bytes: ...
+    @property
+    def push_terminator(self) -> bytes: ...
+    @property
+    def overflow(self) -> bool: ...
+    @property
+    def partial(self) -> bytes | bytearray: ...
+    @property
+    def unparsed(self) -> bytes: ...
+    @property
+    def wake_after(self) -> float | None: ...
+    def feed(self, data: bytes) -> list[Message]: ...
+    def eof(self) -> list[Message]: ...
+    def timeout(self) -> list[Message]: ...
+    def encode(self, payload: bytes, terminator: bytes) -> bytes: ...
+
+
 def split_terminator(payload: bytes) -> Message:
     """Split one trailing line ending off ``payload``: ``b"Bob\\r\\n"`` -> ``(b"Bob", CRLF)``."""
     if payload.endswith(LF):
@@ -138,10 +168,8 @@ class RawFramer(Framer):
     """
 
     __slots__ = ("max_bytes",)
-    greeting_terminator = push_terminator = NONE
-    partial = unparsed = NONE
-    overflow = False
-    wake_after = None
+    greeting_terminator: bytes = NONE
+    push_terminator: bytes = NONE
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -172,8 +200,7 @@ class LineFramer(Framer):
     """
 
     __slots__ = ("max_line_bytes", "overflow", "partial", "unparsed")
-    greeting_terminator = LF
-    wake_after: float | None = None
+    greeting_terminator: bytes = LF
 
     def __init__(self, max_line_bytes: int) -> None:
         self.max_line_bytes = max_line_bytes
@@ -283,8 +310,7 @@ class AutoFramer(LineFramer):
     """
 
     __slots__ = ("_delay", "_state", "wake_after")
-
-    greeting_terminator = NONE
+    greeting_terminator: bytes = NONE
 
     def __init__(self, max_line_bytes: int, delay_s: float) -> None:
         # LineFramer's fields, set here: one framer is made per connection.
@@ -358,7 +384,9 @@ class LengthFramer(Framer):
     """
 
     __slots__ = ("_buffer", "_limit", "_prefix", "overflow")
-    greeting_terminator = push_terminator = NONE  # the prefix frames every send
+    # The prefix frames every send.
+    greeting_terminator: bytes = NONE
+    push_terminator: bytes = NONE
 
     def __init__(self, max_bytes: int, prefix_bytes: int = 4) -> None:
         if prefix_bytes not in (2, 4):
@@ -409,7 +437,7 @@ class LengthFramer(Framer):
 
 def make_framer(
     framing: str, max_line_bytes: int, bare_delay_s: float, length_prefix_bytes: int = 4
-) -> Callable[[], Framer]:
+) -> Callable[[], FramerLike]:
     """Return a factory of fresh framers for one mode (one framer per connection).
 
     ``framing`` is a built-in name or ``module:attribute``: a :class:`Framer` subclass,
@@ -432,7 +460,7 @@ def make_framer(
     return _user_framer(framing, max_line_bytes)
 
 
-def _user_framer(spec: str, max_bytes: int) -> Callable[[], Framer]:
+def _user_framer(spec: str, max_bytes: int) -> Callable[[], FramerLike]:
     module_name, _, attribute = spec.partition(":")
     try:
         target: Any = importlib.import_module(module_name)
@@ -445,8 +473,8 @@ def _user_framer(spec: str, max_bytes: int) -> Callable[[], Framer]:
     except (TypeError, ValueError):  # not introspectable: call it with no argument
         takes_limit = False
 
-    def factory() -> Framer:
-        return target(max_message_bytes=max_bytes) if takes_limit else target()  # type: ignore[no-any-return]
+    def factory() -> Any:
+        return target(max_message_bytes=max_bytes) if takes_limit else target()
 
     try:
         trial = factory()

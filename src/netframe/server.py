@@ -34,17 +34,21 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Literal
 
+from netframe._build import BUILD
 from netframe._datagram import open_datagram_endpoint, serve_datagram_socket
 from netframe._endpoint import TICK_S, EndpointContext
 from netframe._errors import Error
+from netframe._proxy_gate import ProxyGates
+from netframe._unix import FileIdentity, bind_unix_listener, remove_socket_file, unix_address
 from netframe.config import Address, Config, ConfigError
 from netframe.framing import make_framer
 from netframe.handlers import HandlerError, resolve_handler
 from netframe.limits import connection_budget
 from netframe.logs import configure_logging, flush_logs, get_logger, lifecycle_logger
 from netframe.loops import loop_factory, resolve_loop_name
+from netframe.systemd import Handover, take
 from netframe.tcp import BufferedTcpEndpoint, TcpEndpoint
 from netframe.udp import UdpEndpoint
 
@@ -65,13 +69,19 @@ class ListenError(Error, OSError):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class BoundAddress:
-    """An address a server is actually listening on (port 0 resolved to the real port)."""
+    """An address a server is actually listening on (port 0 resolved to the real port).
+
+    ``transport`` is ``tcp``, ``udp`` or ``unix``; for ``unix``, ``host`` is the socket's
+    path and ``port`` is 0.
+    """
 
     transport: str
     host: str
     port: int
 
     def __str__(self) -> str:
+        if self.transport == "unix":
+            return f"unix {self.host}"
         return f"{self.transport} {Address(self.host, self.port)}"
 
 
@@ -80,17 +90,19 @@ class Server:
 
     Args:
         config: the settings; ``None`` means :class:`Config` defaults.
-        sockets: sockets already bound, served instead of binding ``config``'s ``tcp``
-            and ``udp`` addresses: each listening ``SOCK_STREAM`` socket as a TCP listener,
-            each ``SOCK_DGRAM`` one as a UDP listener, in this order. The server owns
-            them from here on and closes them when it closes (or fails to start). This
-            is how each ``--workers`` process serves the sockets its supervisor bound.
+        sockets: listening sockets made elsewhere (handed over by systemd, see
+            :mod:`netframe.systemd`, or by a supervisor process), served instead of
+            binding ``config``'s ``tcp``, ``udp`` and ``unix`` listeners: TCP and Unix
+            stream sockets that listen, and bound UDP sockets, told apart by their
+            family and type. The server owns them from then on and closes them when it
+            stops (or fails to start); it never removes the file of a Unix socket it did
+            not bind. ``None`` (the default): bind what ``config`` says.
         **settings: any :class:`Config` field, applied on top of ``config``
             (``Server(handler=MyHandler, tcp=["127.0.0.1:0"])``).
 
     Raises:
-        ConfigError: a setting is invalid, or a socket is neither a stream nor a
-            datagram socket.
+        ConfigError: a setting is invalid, or one of ``sockets`` cannot be served (a
+            stream socket that does not listen, a Unix datagram socket, ...).
         HandlerError: the handler cannot be found.
 
     The handler is resolved when the server is built, so a wrong name fails here, not
@@ -110,10 +122,7 @@ class Server:
         elif settings:
             config = config.replace(**settings)
         self.config = config
-        for sock in sockets or ():
-            if sock.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-                raise ConfigError(f"cannot serve {sock!r}: not a stream or datagram socket")
-        self._given_sockets = None if sockets is None else list(sockets)
+        self._given = None if sockets is None else [(listener_kind(s), s) for s in sockets]
         self._handler_factory = resolve_handler(config.handler)
         self._hooks_started = False
         try:
@@ -127,6 +136,8 @@ class Server:
             raise ConfigError(str(exc)) from None
         self._log = get_logger()
         self._ctx: EndpointContext | None = None
+        # Connections waiting for their PROXY header, when the protocol is on.
+        self._proxy_gates: ProxyGates | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tcp_servers: list[asyncio.Server] = []
         self._uv_listeners: list[_UvListener] = []
@@ -134,6 +145,8 @@ class Server:
         self._udp_transports: list[asyncio.DatagramTransport] = []
         self._udp_endpoints: list[UdpEndpoint] = []
         self._addresses: list[BoundAddress] = []
+        # The socket files this server bound, removed when it stops (if still its own).
+        self._unix_files: list[tuple[str, FileIdentity]] = []
         self._tick_handle: asyncio.TimerHandle | None = None
         self._ticks = 0
         # Events bind to a loop on first wait (3.10+), so this may be made before one runs.
@@ -147,7 +160,8 @@ class Server:
         return list(self._addresses)
 
     def address(self, transport: str = "tcp") -> tuple[str, int]:
-        """The ``(host, port)`` of the first listener of ``transport``.
+        """The ``(host, port)`` of the first listener of ``transport`` (for ``unix``, the
+        socket's path and 0).
 
         Raises:
             LookupError: the server is not started or has no such listener.
@@ -159,7 +173,7 @@ class Server:
 
     @property
     def connection_count(self) -> int:
-        """How many TCP connections are open now."""
+        """How many stream connections (TCP and Unix) are open now."""
         return len(self._ctx.connections) if self._ctx else 0
 
     @property
@@ -183,20 +197,27 @@ class Server:
             self.config, self._handler_factory, self._log, framers=self._framer_factory
         )
         ctx.now = loop.time()
+        if self.config.proxy_protocol != "off":
+            self._proxy_gates = ProxyGates(ctx)
         try:
             await self._start_hook()
             if self._stopped:  # close() came while on_start ran: bind nothing, undo it
                 await self._stop_hook()
                 return
-            if self._given_sockets is not None:
-                await self._serve_given(ctx, self._given_sockets)
+            if self._given is not None:
+                for kind, sock in self._given:
+                    await self._adopt(ctx, kind, sock)
             else:
                 for address in self.config.tcp_addresses:
                     await self._listen_tcp(ctx, address)
                 for address in self.config.udp_addresses:
                     await self._listen_udp(ctx, address)
+                for path in self.config.unix:
+                    await self._listen_unix(ctx, path)
         except BaseException:
             self._close_listeners()
+            for _, sock in self._given or ():  # those not served yet (closing twice is fine)
+                sock.close()
             self._addresses.clear()
             self._ctx = None
             await self._stop_hook()
@@ -247,6 +268,8 @@ class Server:
         ctx.stopping = True
         servers = list(self._tcp_servers)
         self._close_listeners()
+        if self._proxy_gates is not None:  # no handler yet, nothing to finish
+            self._proxy_gates.close_all()
         # A connection accepted in the last instant reaches connection_made within an
         # iteration or two, and closes there because the server is stopping.
         for _ in range(3):
@@ -296,6 +319,8 @@ class Server:
     def abort(self) -> None:
         """Close every listener and abort every connection now, dropping unsent data."""
         self._close_listeners()
+        if self._proxy_gates is not None:
+            self._proxy_gates.close_all()
         if self._ctx is not None:
             for conn in list(self._ctx.connections):
                 conn.terminate()
@@ -415,82 +440,134 @@ class Server:
         )  # fmt: skip
         return budget
 
-    async def _serve_given(self, ctx: EndpointContext, given: list[socket.socket]) -> None:
-        """Serve the sockets given to the server (all or none, as for bound ones)."""
+    async def _listen_tcp(self, ctx: EndpointContext, address: Address) -> None:
         try:
-            for index, sock in enumerate(given):
-                address = Address(*sock.getsockname()[:2])
-                if sock.type == socket.SOCK_STREAM:
-                    listener = _GuardedListener(
-                        sock.family, sock.type, sock.proto, fileno=sock.detach()
-                    )
-                    given[index] = listener  # closed below if serving it fails
-                    await self._listen_tcp(ctx, address, listener)
-                else:
-                    await self._listen_udp(ctx, address, sock)
-        except BaseException:
-            for sock in given:  # closing one already closed does nothing
-                sock.close()
-            raise
-
-    async def _listen_tcp(
-        self, ctx: EndpointContext, address: Address, given: _GuardedListener | None = None
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        backlog = self.config.backlog
-        try:
-            sockets = [given] if given is not None else await _bind_tcp(address, backlog)
-            for sock in sockets:
-                sock.on_shed = lambda: ctx.refused("no_file_descriptors")
-                if isinstance(loop, asyncio.BaseEventLoop):  # its accept calls sock.accept
-                    # The buffered read path on the standard loop (see BufferedTcpEndpoint);
-                    # on uvloop the two paths measure the same, and the plain one is simpler.
-                    server = await loop.create_server(
-                        lambda: BufferedTcpEndpoint(ctx), sock=sock, backlog=backlog
-                    )
-                    self._tcp_servers.append(server)
-                else:
-                    listener = _UvListener(sock, lambda: TcpEndpoint(ctx), backlog)
-                    await listener.serve()
-                    self._uv_listeners.append(listener)
+            for sock in await _bind_tcp(address, self.config.backlog):
+                await self._serve_stream(ctx, sock, "tcp")
                 self._bound("tcp", sock)
         except OSError as exc:
             raise listen_error("tcp", address, exc) from None
 
-    async def _listen_udp(
-        self, ctx: EndpointContext, address: Address, given: socket.socket | None = None
+    async def _listen_unix(self, ctx: EndpointContext, path: str) -> None:
+        mode = self.config.unix_mode
+        try:
+            bound = bind_unix_listener(
+                path, mode, self.config.backlog,
+                lambda: _GuardedListener(socket.AF_UNIX, socket.SOCK_STREAM, 0),
+            )  # fmt: skip
+            self._unix_files.append((bound.path, bound.identity))
+            if bound.replaced_stale:
+                self._log.warning("stale_socket_replaced", path=bound.path)
+            await self._serve_stream(ctx, bound.sock, "unix")
+        except OSError as exc:
+            raise listen_error("unix", path, exc) from None
+        self._bound("unix", bound.sock, path=bound.path, mode=f"{mode:04o}")
+
+    async def _serve_stream(
+        self, ctx: EndpointContext, sock: _GuardedListener, network: Literal["tcp", "unix"]
     ) -> None:
+        """Accept connections on a listening stream socket (closed if that fails).
+
+        With the PROXY protocol on, a TCP listener's connections pass a gate that reads
+        the header first; a Unix listener's never do: its clients are local processes,
+        identified by their credentials, and ``proxy_allow`` names IP networks only.
+        """
+        loop = asyncio.get_running_loop()
+        backlog = self.config.backlog
+        standard = isinstance(loop, asyncio.BaseEventLoop)  # its accept calls sock.accept
+        # The buffered read path on the standard loop (see BufferedTcpEndpoint); on uvloop
+        # the two paths measure the same, and the plain one is simpler.
+        endpoint = BufferedTcpEndpoint if standard else TcpEndpoint
+
+        def make_endpoint() -> TcpEndpoint | BufferedTcpEndpoint:
+            return endpoint(ctx, network)
+
+        factory: Callable[[], Any] = make_endpoint
+        if self._proxy_gates is not None and network == "tcp":  # the header, then the endpoint
+            factory = self._proxy_gates.factory(make_endpoint, buffered=standard)
+        sock.on_shed = lambda: ctx.refused("no_file_descriptors")
+        try:
+            if standard:
+                server = await loop.create_server(factory, sock=sock, backlog=backlog)
+                self._tcp_servers.append(server)
+            else:
+                listener = _UvListener(sock, factory, backlog)
+                await listener.serve()
+                self._uv_listeners.append(listener)
+        except BaseException:
+            sock.close()
+            raise
+
+    async def _listen_udp(
+        self, ctx: EndpointContext, address: Address | None, sock: socket.socket | None = None
+    ) -> None:
+        """Listen on UDP at ``address``, or serve ``sock``, a bound socket handed over."""
         try:
             handler = ctx.handler_factory()  # one per listener, made where errors are clear
         except Exception as exc:
             raise HandlerError(f"the handler factory failed: {exc!r}") from exc
         endpoint = UdpEndpoint(ctx, handler)
-        max_datagram_bytes = self.config.udp_max_datagram_bytes
+        config = self.config
+        where = address if sock is None else _handed_over_name(sock)
         try:
-            if given is not None:
+            if sock is not None:
                 transport = await serve_datagram_socket(
-                    endpoint, given, max_datagram_bytes=max_datagram_bytes
+                    endpoint, sock, max_datagram_bytes=config.udp_max_datagram_bytes
                 )
             else:
+                assert address is not None
                 transport = await open_datagram_endpoint(
                     endpoint,
                     address.host,
                     address.port,
-                    max_datagram_bytes=max_datagram_bytes,
-                    receive_buffer_bytes=self.config.udp_receive_buffer_bytes,
+                    max_datagram_bytes=config.udp_max_datagram_bytes,
+                    receive_buffer_bytes=config.udp_receive_buffer_bytes,
                 )
         except OSError as exc:
-            raise listen_error("udp", address, exc) from None
+            raise listen_error("udp", where, exc) from None
         self._udp_transports.append(transport)
         self._udp_endpoints.append(endpoint)
-        self._bound("udp", transport.get_extra_info("socket"))
+        if sock is None:
+            self._bound("udp", transport.get_extra_info("socket"))
 
-    def _bound(self, transport: str, sock: Any) -> None:
-        host, port = sock.getsockname()[:2]
+    async def _adopt(self, ctx: EndpointContext, kind: str, sock: socket.socket) -> None:
+        """Serve a listening socket handed over (by systemd, or a supervisor)."""
+        fd = sock.fileno()
+        sock.setblocking(False)
+        if kind == "udp":
+            await self._listen_udp(ctx, None, sock)
+            self._bound("udp", sock, fd=fd)
+            return
+        where = _handed_over_name(sock)
+        try:
+            # The same guarded accept as the sockets the server binds itself.
+            listener = _GuardedListener(sock.family, sock.type, sock.proto, sock.detach())
+            listener.setblocking(False)
+            await self._serve_stream(ctx, listener, "unix" if kind == "unix" else "tcp")
+        except OSError as exc:
+            raise listen_error(kind, where, exc) from None
+        self._bound(kind, listener, fd=fd)
+
+    def _bound(self, transport: str, sock: Any, **fields: Any) -> None:
+        name = sock.getsockname()
+        if isinstance(name, str | bytes):  # a Unix socket: its path
+            path = fields.pop("path", None) or unix_address(name).path
+            self._addresses.append(BoundAddress(transport, path, 0))
+            lifecycle_logger().info("listening", transport=transport, path=path, **fields)
+            return
+        host, port = name[:2]
         self._addresses.append(BoundAddress(transport, host, port))
-        lifecycle_logger().info("listening", transport=transport, host=host, port=port)
+        lifecycle_logger().info("listening", transport=transport, host=host, port=port, **fields)
 
     def _close_listeners(self) -> None:
+        # The socket files first: a server started meanwhile binds the path without
+        # having to find it stale, and new clients are told it is gone.
+        for path, identity in self._unix_files:
+            try:
+                remove_socket_file(path, identity)
+            except OSError as exc:
+                self._log.warning("unix_socket_not_removed", path=path, error=_reason(exc))
+        self._unix_files.clear()
         for server in self._tcp_servers:
             server.close()
         for transport in self._udp_transports:
@@ -587,9 +664,7 @@ class _UvListener:
     takes over once more.
     """
 
-    def __init__(
-        self, sock: _GuardedListener, factory: Callable[[], asyncio.Protocol], backlog: int
-    ) -> None:
+    def __init__(self, sock: _GuardedListener, factory: Callable[[], Any], backlog: int) -> None:
         self.sock = sock
         self._factory = factory
         self._backlog = backlog
@@ -662,6 +737,38 @@ class _UvListener:
         self.sock.close()
 
 
+def listener_kind(sock: socket.socket) -> Literal["tcp", "udp", "unix"]:
+    """What a socket made elsewhere serves, told by its family and type.
+
+    Raises:
+        ConfigError: a socket netframe cannot serve, with the reason in one line.
+    """
+    family, kind = sock.family, sock.type
+    what = f"descriptor {sock.fileno()}"
+    if kind == socket.SOCK_STREAM and family in _STREAM_FAMILIES:
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ConfigError(
+                f"{what} is a stream socket that does not listen (a socket unit with "
+                "Accept=yes hands over connections; netframe needs Accept=no)"
+            )
+        return "unix" if family == socket.AF_UNIX else "tcp"
+    if kind == socket.SOCK_DGRAM and family in (socket.AF_INET, socket.AF_INET6):
+        return "udp"
+    family_name = getattr(family, "name", str(family))
+    kind_name = getattr(kind, "name", str(kind))
+    raise ConfigError(
+        f"{what} is a socket of family {family_name} and type {kind_name}: netframe "
+        "serves TCP and UDP sockets and Unix stream sockets"
+    )
+
+
+_STREAM_FAMILIES: Final = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
+
+
+def _handed_over_name(sock: socket.socket) -> str:
+    return f"descriptor {sock.fileno()} (handed over)"
+
+
 def _open_spare() -> int | None:
     try:
         return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -699,7 +806,7 @@ def prepare_tcp_listener(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
 
 
-def listen_error(transport: str, address: Address, exc: OSError) -> ListenError:
+def listen_error(transport: str, address: object, exc: OSError) -> ListenError:
     """The error for a listener that cannot be bound, naming the transport and address."""
     return ListenError(exc.errno, f"cannot listen on {transport} {address}: {_reason(exc)}")
 
@@ -779,22 +886,50 @@ def run_in_process(config: Config | None = None, **settings: Any) -> int:
     event loop ``config.loop`` names until SIGINT or SIGTERM and returns 0; a second
     signal aborts every connection and exits at once with status 1.
 
+    Under systemd (see :mod:`netframe.systemd`) it serves the sockets a socket unit hands
+    over (in place of the listeners ``config`` names), reports ``READY=1`` once every
+    listener is bound and ``on_start`` has run, ``STOPPING=1`` when the stop begins, and
+    feeds the watchdog when the unit has one.
+
     Raises:
         ConfigError, HandlerError, LoopUnavailable, ListenError, StartError: before
             serving starts.
         RunInLoopError: called inside a running event loop (use :class:`Server`).
     """
     ensure_no_running_loop()
-    server = Server(config, **settings)
+    handover = take()  # systemd's variables, read once and removed for child processes
+    handed = [each.sock for each in handover.sockets] or None
+    server = Server(config, sockets=handed, **settings)
     config = server.config
     factory = loop_factory(config.loop)
     configure_logging(config.log_format, config.log_level)
+    log_handover(handover, config)
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(serve_until_signal(server, resolve_loop_name(config.loop)))
+            runner.run(
+                serve_until_signal(server, resolve_loop_name(config.loop), handover=handover)
+            )
     finally:
         flush_logs()
     return 0
+
+
+def log_handover(handover: Handover, config: Config) -> None:
+    """Log the sockets systemd handed over, and the listeners they replace."""
+    if not handover.sockets:
+        return
+    get_logger().info(
+        "sockets_handed_over",
+        fds=[each.fd for each in handover.sockets],
+        names=[each.name for each in handover.sockets],
+    )
+    if config.listeners_given:  # the socket unit decides where to listen
+        get_logger().warning(
+            "listeners_ignored",
+            tcp=[str(a) for a in config.tcp_addresses],
+            udp=[str(a) for a in config.udp_addresses],
+            unix=list(config.unix),
+        )
 
 
 class StopRequests:
@@ -838,35 +973,68 @@ async def serve_until_signal(
     server: Server,
     loop_name: str,
     *,
+    handover: Handover | None = None,
     signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM),
     attach: Callable[[StopRequests], None] | None = None,
     on_serving: Callable[[], None] | None = None,
 ) -> None:
     """Start ``server``, log ``serving``, serve until a stop request, then stop.
 
-    ``signals`` are the ones that request the stop; ``attach`` is handed the
-    :class:`StopRequests` before anything is bound (a worker connects its supervisor's
-    commands to it), and ``on_serving`` is called once the server serves.
+    ``handover`` is what systemd passed (its notify socket gets ``READY=1``,
+    ``STOPPING=1`` and the watchdog's keep-alives); ``signals`` are the ones that
+    request the stop; ``attach`` is handed the :class:`StopRequests` before anything is
+    bound (a worker connects its supervisor's commands to it), and ``on_serving`` is
+    called once the server serves.
     """
     loop = asyncio.get_running_loop()
     requests = StopRequests(server)
+    notify = handover.notify if handover is not None else None
+    watchdog = handover.watchdog() if handover is not None else None
+
+    async def announce_stop() -> None:
+        await server._stop_requested.wait()  # set as any stop begins
+        if notify is not None:
+            notify.stopping("Stopping: finishing open connections")
+
     # Before binding: a signal that arrives while we start still means a clean stop.
     for signum in signals:
         loop.add_signal_handler(signum, requests.signal, signum)
+    if watchdog is not None:  # from the start: a start that hangs is a hung service too
+        watchdog.start()
+    stopping = loop.create_task(announce_stop())
     try:
         if attach is not None:
             attach(requests)
-        await server.start()
+        try:
+            await server.start()
+        except Exception as exc:
+            if notify is not None:
+                notify.status(f"Failed to start: {failure_reason(exc)}")
+            raise
         lifecycle_logger().info(
             "serving",
             loop=loop_name,
             handler=_name(server.config.handler),
             framing=server.config.framing,
             max_connections=server.max_connections,
+            build="compiled" if BUILD.compiled else "pure",
         )
+        if notify is not None:
+            notify.ready(f"Serving on {', '.join(map(str, server.addresses))}")
         if on_serving is not None:
             on_serving()
         await server.serve_forever()
     finally:
+        if watchdog is not None:
+            watchdog.stop()
+        if server._stop_requested.is_set():
+            await stopping  # STOPPING=1 is out before the process ends
+        else:
+            stopping.cancel()
         for signum in signals:
             loop.remove_signal_handler(signum)
+
+
+def failure_reason(exc: BaseException) -> object:
+    """What a failed start reports to systemd: an OSError's own words, else the error."""
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else exc

@@ -27,15 +27,17 @@ Protection, each bounded and each with a reason in ``connection_closed``:
 from __future__ import annotations
 
 import asyncio
+import asyncio.protocols
 import collections
 import contextlib
 import math
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Iterable
-from typing import Any, Final
+from collections.abc import Iterable
+from typing import Any, Final, Protocol
 
+from mypy_extensions import mypyc_attr
 from structlog.typing import FilteringBoundLogger
 
 from netframe._endpoint import (
@@ -46,8 +48,10 @@ from netframe._endpoint import (
     error_reply,
     format_peer,
 )
-from netframe.framing import LF, Message
-from netframe.handlers import CloseReason, Handler, InetAddress, PeerAddress, TlsInfo, UnixAddress
+from netframe._unix import limit_key, unix_address
+from netframe.framing import LF, FramerLike, Message
+from netframe.handlers import CloseReason, Handler, InetAddress, PeerAddress, TlsInfo
+from netframe.handlers._interface import Network
 
 __all__ = ["BufferedTcpEndpoint", "TcpEndpoint"]
 
@@ -73,21 +77,44 @@ _CLOSED_FIELDS: Final = (
 )  # fmt: skip
 #: SO_LINGER on, zero seconds: ``close()`` sends a reset and discards unsent bytes.
 _RESET_LINGER: Final = struct.pack("ii", 1, 0)
-#: ``_peer`` and ``_local`` before the transport has been asked.
-_UNREAD: Final[Any] = object()
+# The close reasons of every session, as module constants: read through the enum's class
+# each costs a call of EnumType.__getattr__ (on Python 3.11), a constant next to nothing.
+_PEER_CLOSED: Final = CloseReason.PEER_CLOSED
+_HANDLER_CLOSED: Final = CloseReason.HANDLER_CLOSED
+_SERVER_SHUTDOWN: Final = CloseReason.SERVER_SHUTDOWN
+_RESET: Final = CloseReason.RESET
 
-
-class _Overflow(bytes):
-    """The type of the marker that stands where an overlong message was cut off."""
-
-
+#: The payload of the marker that stands where an overlong message was cut off, told
+#: apart by identity: a bytes object of its own, never one a framer returns.
+_OVERFLOW_PAYLOAD: Final = bytes(bytearray(b"overflow"))
 #: Queued after the last message before an overlong one, so that the refusal keeps its
 #: place in the stream: earlier messages are answered first, later ones never.
-_OVERFLOW: Final[Message] = (_Overflow(), b"")
+_OVERFLOW: Final[Message] = (_OVERFLOW_PAYLOAD, b"")
 
 
-class TcpEndpoint(asyncio.Protocol):
-    """One TCP connection: asyncio transport on one side, framer and handler on the other."""
+class _Transport(Protocol):
+    """What the endpoint uses of its transport. A protocol, not ``asyncio.Transport``:
+    uvloop's transports implement the interface without subclassing it, and compiled
+    code checks the class of what it stores."""
+
+    def write(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+    def is_closing(self) -> bool: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def get_write_buffer_size(self) -> int: ...
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None: ...
+
+
+class TcpEndpoint:
+    """One TCP connection: asyncio transport on one side, framer and handler on the other.
+
+    An asyncio protocol by its methods (the loop calls them by name), not by subclassing
+    ``asyncio.Protocol``: the compiled build makes it a native class, which cannot
+    inherit from a Python one. :class:`BufferedTcpEndpoint` is the ``BufferedProtocol``.
+    """
 
     __slots__ = (
         "_batch",
@@ -102,11 +129,13 @@ class TcpEndpoint(asyncio.Protocol):
         "_handler",
         "_ip",
         "_local",
+        "_local_read",
         "_log",
         "_message_started",
         "_pause_reasons",
         "_paused_at",
         "_peer",
+        "_peer_read",
         "_pending",
         "_registered",
         "_seen",
@@ -124,20 +153,24 @@ class TcpEndpoint(asyncio.Protocol):
         "id",
         "messages_in",
         "messages_out",
+        "network",
+        "via",
     )
 
-    network: Final = "tcp"
-    #: No TLS and no PROXY protocol yet: these are where they will appear.
+    #: No TLS yet: this is where it will appear.
     tls: Final[TlsInfo | None] = None
-    via: Final[PeerAddress | None] = None
 
-    def __init__(self, ctx: EndpointContext) -> None:
+    def __init__(self, ctx: EndpointContext, network: Network = "tcp") -> None:
         self._ctx = ctx
-        self._framer = framer = ctx.framer_factory()
+        self._framer: FramerLike = ctx.framer_factory()
+        framer = self._framer
+        #: ``"tcp"``, or ``"unix"`` on a Unix-domain listener (the same endpoint serves
+        #: both): a per-connection attribute, not a class constant.
+        self.network = network
         # The framer's reply encoding if it has its own; else a reply is payload + ending.
         self._encode = framer.encode if ctx.framer_encodes else None
         self._handler: Handler | None = None  # made in connection_made, where errors are caught
-        self._transport: asyncio.Transport | None = None
+        self._transport: _Transport | None = None
         # Replies made while a batch of input is handled; None outside a batch, when
         # sends write straight through (async handlers, after an await).
         self._batch: list[bytes] | None = None
@@ -147,12 +180,14 @@ class TcpEndpoint(asyncio.Protocol):
         self._eof = False
         self._pause_reasons = 0
         self._writes_paused = False
-        self._framer_timer: asyncio.TimerHandle | None = None
+        # A loop timer handle (uvloop's is not an asyncio.TimerHandle).
+        self._framer_timer: Any = None
         # The handler's async call in flight, the task awaiting it, and the messages not
         # handled yet (behind an async call, or held while the peer does not read).
-        self._waiting: Awaitable[None] | None = None
+        # (Any: an awaitable of any kind, and a task of whatever the loop's task factory makes.)
+        self._waiting: Any = None
         self._waiting_hook = "on_message"
-        self._task: asyncio.Task[None] | None = None
+        self._task: Any = None
         self._pending: collections.deque[Message] | None = None
         self._undecodable = 0
         # Coarse-clock stamps for the deadlines (0.0: not running), and the time this
@@ -169,18 +204,18 @@ class TcpEndpoint(asyncio.Protocol):
         # Bound and read on first use: a connection that logs nothing, or never asks
         # for its addresses, does not pay for them.
         self._log: FilteringBoundLogger | None = None
-        self._peer: PeerAddress | None = _UNREAD
-        self._local: PeerAddress | None = _UNREAD
+        self._peer: PeerAddress | None = None
+        self._local: PeerAddress | None = None
+        self._peer_read = self._local_read = False
         self.id = ctx.next_id()
         self.bytes_in = self.bytes_out = self.messages_in = self.messages_out = 0
+        #: The load balancer, when a PROXY header named the client (see set_proxied).
+        self.via: PeerAddress | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
-    def connection_made(self, base: asyncio.BaseTransport) -> None:
+    def connection_made(self, transport: _Transport) -> None:
         ctx = self._ctx
-        # uvloop transports implement the interface without subclassing it (no cast():
-        # a call per connection).
-        transport: asyncio.Transport = base  # type: ignore[assignment]
         self._transport = transport
         if ctx.info:  # only the logged duration needs a fine clock
             self._started = time.monotonic()
@@ -194,7 +229,8 @@ class TcpEndpoint(asyncio.Protocol):
         limit = ctx.config.max_per_ip
         if limit:
             peer = self.peer
-            self._ip = ip = peer.host if isinstance(peer, InetAddress) else ""
+            # A Unix peer counts under its user id (see netframe._unix.limit_key).
+            self._ip = ip = peer.host if isinstance(peer, InetAddress) else limit_key(peer)
             if ctx.per_ip.get(ip, 0) >= limit:
                 self._refuse(TOO_MANY_FROM_IP_REPLY, CloseReason.MAX_PER_IP)
                 return
@@ -209,7 +245,7 @@ class TcpEndpoint(asyncio.Protocol):
             ctx.arrivals.append(self)  # into the wheel at the next tick, if still open
         if ctx.info:
             if (fast := ctx.connection_log) is not None:
-                fast.opened("tcp", format_peer(self.peer), self.id)
+                fast.opened(self.network, format_peer(self.peer), self.id)
             else:
                 self.log.info("connection_opened")
         self._batch = []
@@ -273,7 +309,7 @@ class TcpEndpoint(asyncio.Protocol):
         # The peer finished sending. Bytes an `auto` framer holds as a possible bare
         # message are one now (the seeds' server answers a last word before the close).
         if self.close_reason is None:
-            self.close_reason = CloseReason.PEER_CLOSED
+            self.close_reason = _PEER_CLOSED
         if self._framer_timer is not None:
             self._framer_timer.cancel()
             self._framer_timer = None
@@ -303,10 +339,10 @@ class TcpEndpoint(asyncio.Protocol):
                 del ctx.per_ip[self._ip]
         if not ctx.connections and ctx.all_closed is not None:
             ctx.all_closed.set()
-        if exc is not None and self.close_reason in (None, CloseReason.PEER_CLOSED):
-            self.close_reason = CloseReason.RESET
+        if exc is not None and self.close_reason in (None, _PEER_CLOSED):
+            self.close_reason = _RESET
         elif self.close_reason is None:
-            self.close_reason = CloseReason.PEER_CLOSED
+            self.close_reason = _PEER_CLOSED
         if self._framer_timer is not None:
             self._framer_timer.cancel()
         if self._task is not None:
@@ -330,7 +366,7 @@ class TcpEndpoint(asyncio.Protocol):
             self.messages_out,
         )
         if (fast := ctx.connection_log) is not None:
-            fast.closed("tcp", format_peer(self.peer), self.id, *fields)
+            fast.closed(self.network, format_peer(self.peer), self.id, *fields)
         else:
             self.log.info("connection_closed", **dict(zip(_CLOSED_FIELDS, fields, strict=True)))
 
@@ -355,32 +391,49 @@ class TcpEndpoint(asyncio.Protocol):
     @property
     def peer(self) -> PeerAddress | None:
         """The client's address; ``None`` when the socket could not tell (reset at once)."""
-        if self._peer is _UNREAD:
+        if not self._peer_read:
             self._peer = self._address("peername")
+            self._peer_read = True
         return self._peer
 
     @property
     def local(self) -> PeerAddress | None:
         """The listener's address the client reached."""
-        if self._local is _UNREAD:
+        if not self._local_read:
             self._local = self._address("sockname")
+            self._local_read = True
         return self._local
 
     def _address(self, name: str) -> PeerAddress | None:
+        transport = self._transport
         try:
-            raw = self._transport.get_extra_info(name) if self._transport else None
+            raw = transport.get_extra_info(name) if transport else None
         except OSError:  # uvloop asks the socket, which may be closed already
             return None
         if isinstance(raw, str | bytes):  # AF_UNIX: a path, empty for an unnamed end
-            return UnixAddress(raw if isinstance(raw, str) else raw.decode(errors="replace"))
+            # The peer's process credentials come with it (netframe._unix).
+            sock = transport.get_extra_info("socket") if name == "peername" and transport else None
+            return unix_address(raw, sock)
         return InetAddress.from_sockaddr(raw)
+
+    def set_proxied(
+        self, peer: PeerAddress | None, local: PeerAddress | None, via: PeerAddress | None
+    ) -> None:
+        """PROXY protocol hook (``netframe._proxy_gate``), called before
+        :meth:`connection_made`: the client and the address it reached, as the header
+        names them, and the load balancer's own address. The caps, the logs and the
+        handler then see these instead of the socket's."""
+        self._peer = peer
+        self._local = local
+        self._peer_read = self._local_read = True
+        self.via = via
 
     @property
     def log(self) -> FilteringBoundLogger:
         """This connection's logger: ``transport``, ``peer`` and ``conn`` bound."""
         if self._log is None:
             self._log = self._ctx.log.bind(
-                transport="tcp", peer=format_peer(self.peer), conn=self.id
+                transport=self.network, peer=format_peer(self.peer), conn=self.id
             )
         return self._log
 
@@ -405,7 +458,7 @@ class TcpEndpoint(asyncio.Protocol):
             self._write(data)
 
     def close(self) -> None:
-        self._close(CloseReason.HANDLER_CLOSED)
+        self._close(_HANDLER_CLOSED)
 
     def abort(self) -> None:
         """Close at once: replies not yet written are dropped, and the peer gets a reset."""
@@ -413,7 +466,7 @@ class TcpEndpoint(asyncio.Protocol):
 
     def terminate(self) -> None:
         """The server's abort, when its shutdown deadline passes or a second signal comes."""
-        self._abort(CloseReason.SERVER_SHUTDOWN)
+        self._abort(_SERVER_SHUTDOWN)
 
     # -- server shutdown ----------------------------------------------------------------
 
@@ -424,7 +477,7 @@ class TcpEndpoint(asyncio.Protocol):
             return True
         if self._busy():
             return False
-        self._close(CloseReason.SERVER_SHUTDOWN)
+        self._close(_SERVER_SHUTDOWN)
         return True
 
     def _finishing(self, data: bytes) -> bytes:
@@ -539,7 +592,7 @@ class TcpEndpoint(asyncio.Protocol):
             for payload, self._terminator in rest:
                 if self._closing:
                     break
-                if payload.__class__ is _Overflow:
+                if payload is _OVERFLOW_PAYLOAD:
                     self._refuse_overlong()
                     break
                 self.messages_in += 1
@@ -577,7 +630,7 @@ class TcpEndpoint(asyncio.Protocol):
         if self._closing:
             self._close_transport()
         elif self._ctx.stopping and not self._busy():
-            self._close(CloseReason.SERVER_SHUTDOWN)
+            self._close(_SERVER_SHUTDOWN)
 
     def _flush(self) -> None:
         """Write the batch so far (every ``_BATCH_FLUSH`` replies within one read)."""
@@ -648,11 +701,11 @@ class TcpEndpoint(asyncio.Protocol):
             return
         if self._eof or (self._ctx.stopping and not framer.partial):
             stopping = self._ctx.stopping
-            self._close(CloseReason.SERVER_SHUTDOWN if stopping else CloseReason.PEER_CLOSED)
+            self._close(_SERVER_SHUTDOWN if stopping else _PEER_CLOSED)
 
     # -- async handlers -----------------------------------------------------------------
 
-    def _await(self, awaitable: Awaitable[None], hook: str = "on_message") -> None:
+    def _await(self, awaitable: Any, hook: str = "on_message") -> None:
         self._waiting = awaitable
         self._waiting_hook = hook
         if self._task is None:
@@ -686,7 +739,7 @@ class TcpEndpoint(asyncio.Protocol):
             self._task = None
             self._waiting = None
 
-    def _background(self, awaitable: Awaitable[None], hook: str) -> None:
+    def _background(self, awaitable: Any, hook: str) -> None:
         """Run an async ``on_disconnect`` to the end; a stopping server waits for it."""
 
         async def finish() -> None:
@@ -748,7 +801,7 @@ class TcpEndpoint(asyncio.Protocol):
         if self._closing:
             return
         self._closing = True
-        if self.close_reason in (None, CloseReason.PEER_CLOSED):
+        if self.close_reason in (None, _PEER_CLOSED):
             self.close_reason = reason
         self._closed_at = self._ctx.now
         if self._batch is None:  # else _dispatch closes once the batch is written
@@ -764,7 +817,7 @@ class TcpEndpoint(asyncio.Protocol):
 
     def _abort(self, reason: CloseReason) -> None:
         self._closing = True
-        if self.close_reason in (None, CloseReason.PEER_CLOSED):
+        if self.close_reason in (None, _PEER_CLOSED):
             self.close_reason = reason
         if self._batch is not None:  # replies of the batch being handled are not written
             self._batch.clear()
@@ -797,8 +850,10 @@ class TcpEndpoint(asyncio.Protocol):
                 self._message_started = self._ctx.now
 
 
-class BufferedTcpEndpoint(TcpEndpoint, asyncio.BufferedProtocol):
-    """The same endpoint, reading through ``get_buffer``/``buffer_updated``.
+# asyncio.protocols by its full name: mypyc needs the module itself imported.
+@mypyc_attr(native_class=False)
+class BufferedTcpEndpoint(asyncio.protocols.BufferedProtocol):
+    """A :class:`TcpEndpoint` read through ``get_buffer``/``buffer_updated``.
 
     Stock asyncio reads each chunk for a ``Protocol`` into a new 256 KiB ``bytes``, which
     glibc maps and unmaps on every read (cpython#85451). Read into a buffer instead, the
@@ -806,12 +861,35 @@ class BufferedTcpEndpoint(TcpEndpoint, asyncio.BufferedProtocol):
     one buffer (``EndpointContext.read_buffer``): the loop calls ``get_buffer``, reads
     and calls ``buffer_updated`` in one go, and the bytes are copied out before any
     other connection reads.
+
+    asyncio picks the buffered path by ``isinstance(protocol, asyncio.BufferedProtocol)``,
+    and a compiled :class:`TcpEndpoint` cannot subclass it, so this is a thin protocol in
+    front of one, passing every event on.
     """
 
-    __slots__ = ()
+    __slots__ = ("_buffer", "endpoint")
+
+    def __init__(self, ctx: EndpointContext, network: Network = "tcp") -> None:
+        self.endpoint = TcpEndpoint(ctx, network)
+        self._buffer = ctx.read_buffer
+
+    def connection_made(self, transport: Any) -> None:
+        self.endpoint.connection_made(transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._ctx.read_buffer
+        return self._buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self._ctx.read_buffer[:nbytes].tobytes())
+        self.endpoint.data_received(self._buffer[:nbytes].tobytes())
+
+    def eof_received(self) -> bool:
+        return self.endpoint.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.endpoint.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.endpoint.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.endpoint.resume_writing()

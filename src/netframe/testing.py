@@ -76,6 +76,7 @@ class MemoryConnection:
         network: Network = "tcp",
         peer: PeerAddress | None = _CLIENT,
         local: PeerAddress | None = _SERVER,
+        via: PeerAddress | None = None,
         encoding: str = "utf-8",
         framing: str = "auto",
         terminator: bytes | None = None,
@@ -86,7 +87,7 @@ class MemoryConnection:
         self.peer = peer
         self.local = local
         self.tls: TlsInfo | None = None
-        self.via: PeerAddress | None = None
+        self.via = via
         self.id = next(_ids) if network != "udp" else 0
         self.log: FilteringBoundLogger = get_logger().bind(
             transport=network, peer=format_peer(peer), conn=self.id
@@ -305,8 +306,11 @@ def _no_await(result: Awaitable[None] | None, instead: str) -> None:
 
 def _loopback_defaults(settings: dict[str, Any]) -> dict[str, Any]:
     """A free 127.0.0.1 port for each transport not given, unless the other transport was
-    given listeners of its own: ``udp=[]`` means TCP only, ``tcp=[...]`` that TCP only."""
+    given listeners of its own: ``udp=[]`` means TCP only, ``tcp=[...]`` that TCP only.
+    Unix socket paths or sockets handed over, given alone, are the only listeners."""
     given = dict(settings)
+    if given.get("unix") or given.get("sockets"):
+        return settings
     for transport, other in (("tcp", "udp"), ("udp", "tcp")):
         if transport not in given and not given.get(other):
             settings = {**settings, transport: ["127.0.0.1:0"]}
@@ -318,7 +322,8 @@ async def serving(config: Config | None = None, **settings: Any) -> AsyncIterato
     """Run a :class:`~netframe.Server` for the ``async with`` block, then stop it.
 
     With no listeners given it binds TCP and UDP on free ports of 127.0.0.1; learn them
-    with ``server.address("tcp")``.
+    with ``server.address("tcp")``. Given only ``unix`` paths (or ``sockets``), it
+    listens on those alone.
     """
     if config is None:
         settings = _loopback_defaults(settings)

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Hashable
-from typing import Any, Final, cast
+from collections.abc import Hashable
+from typing import Any, Final, Protocol
 
 from structlog.typing import FilteringBoundLogger
 
@@ -117,8 +117,16 @@ def source_key(host: str) -> Hashable:
         return host
 
 
-class UdpEndpoint(asyncio.DatagramProtocol):
-    """One UDP listener."""
+class _DatagramTransport(Protocol):
+    """What the endpoint uses of its transport (uvloop's does not subclass asyncio's)."""
+
+    def sendto(self, data: bytes, addr: Any = None) -> None: ...
+    def is_closing(self) -> bool: ...
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+
+
+class UdpEndpoint:
+    """One UDP listener: an asyncio datagram protocol by its methods (see TcpEndpoint)."""
 
     __slots__ = (
         "_allow_ports",
@@ -139,10 +147,10 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self.ctx = ctx
         self.handler = handler
         self.log: FilteringBoundLogger = ctx.log.bind(transport="udp")
-        self._transport: asyncio.DatagramTransport | None = None
+        self._transport: _DatagramTransport | None = None
         #: The listener's own address, ``conn.local`` of every datagram it receives.
         self.local: InetAddress | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[Any] = set()  # tasks of whatever kind the loop makes
         self._max_bytes = config.udp_max_datagram_bytes
         self._allow_ports = frozenset(config.udp_allow_ports)
         self._limiter = (
@@ -153,9 +161,8 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self._paused = False
         self._summary = EventSummary(SUMMARY_INTERVAL_S)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop transports implement the interface without subclassing it.
-        self._transport = cast(asyncio.DatagramTransport, transport)
+    def connection_made(self, transport: _DatagramTransport) -> None:
+        self._transport = transport
         self.local = InetAddress.from_sockaddr(transport.get_extra_info("sockname"))
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
@@ -236,7 +243,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         for reason, total in self._summary.flush(self.ctx.now, final=final):
             self.log.warning(DROPPED_EVENT, reason=reason, dropped=total)
 
-    def _start_async(self, awaitable: Awaitable[None], peer: UdpPeer) -> None:
+    def _start_async(self, awaitable: Any, peer: UdpPeer) -> None:
         if len(self._tasks) >= self.ctx.config.max_pending_messages:
             # Datagrams are not queued: past the limit the newest is dropped, as the
             # network would drop it under load.
@@ -248,7 +255,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _finish(self, awaitable: Awaitable[None], peer: UdpPeer) -> None:
+    async def _finish(self, awaitable: Any, peer: UdpPeer) -> None:
         try:
             await awaitable
         except Exception:

@@ -21,6 +21,11 @@ process when ``workers`` is 1, the default. With more, the process becomes a sup
   is replaced after a delay that doubles each time, and after
   :data:`~netframe._supervisor.MAX_QUICK_DEATHS` such
   deaths in a row the supervisor gives up.
+- A Unix socket (``--unix``) has no ``SO_REUSEPORT``: it is bound once and that one
+  socket goes to every worker, which then share its accept queue; the supervisor removes
+  its file at the stop. Under systemd the supervisor takes the sockets a socket unit
+  hands over and gives every worker each of them in the same way, and it is the one
+  that sends ``READY=1``, ``STOPPING=1`` and the watchdog's ``WATCHDOG=1``.
 - A first SIGINT or SIGTERM closes the supervisor's sockets and tells every worker to
   stop gracefully; a second tells them to abort. Workers ignore SIGINT, which a
   terminal sends to every process of the group: the supervisor acts on it for them.
@@ -50,12 +55,19 @@ def run(config: Config | None = None, **settings: Any) -> int:
     event loop ``config.loop`` names. The first signal starts a graceful shutdown; a
     second one aborts every connection and exits at once with status 1.
 
+    Under systemd (see :mod:`netframe.systemd`) it serves the sockets a socket unit hands
+    over (in place of the listeners ``config`` names), reports ``READY=1`` once every
+    listener is bound and ``on_start`` has run, ``STOPPING=1`` when the stop begins, and
+    feeds the watchdog when the unit has one.
+
     With ``workers`` above 1 (``None``: one per usable core), this process supervises
     that many worker processes, each serving the listeners through a socket of its own
     (see ``docs/operations.md``, "Workers"). Each worker imports the main module again,
     as :mod:`multiprocessing` does, so a script must call this under
     ``if __name__ == "__main__":``, and the handler must be importable there (a name,
-    ``module:attribute``, or a class or function defined at module level).
+    ``module:attribute``, or a class or function defined at module level). A Unix
+    socket, and each socket systemd hands over, is one socket shared by every worker;
+    the supervisor is then the process that notifies systemd.
 
     Returns:
         0 after a graceful stop; 1 when a second signal forced the stop, a worker did

@@ -27,7 +27,7 @@ class BenchOptions:
     """Every knob of a run; defaults are the command line's."""
 
     scenario: str = "greeting"
-    target: Address | None = None
+    target: Address | str | None = None  # str: the path of a Unix socket
     spawn_args: tuple[str, ...] | None = None  # extra `serve` flags; None: do not spawn
     server_pid: int | None = None
     conns: int = 50
@@ -53,6 +53,8 @@ class BenchOptions:
             raise BenchError(f"unknown scenario {self.scenario!r}")
         if (self.target is None) == (self.spawn_args is None):
             raise BenchError("give exactly one of --target HOST:PORT and --spawn")
+        if isinstance(self.target, str) and self.scenario == "udp":
+            raise BenchError("the udp scenario needs --target HOST:PORT, not a Unix socket")
         if self.conns < 1 or self.pipeline < 1 or self.size < 1:
             raise BenchError("--conns, --pipeline and --size must be at least 1")
         if self.duration_s <= 0 or self.warmup_s < 0:

@@ -161,7 +161,7 @@ _PROBE_S: Final = 3.0
 _PROBE_SETTLE_S: Final = 0.2
 
 
-def _framing_for(options: BenchOptions, target: Address) -> BenchOptions:
+def _framing_for(options: BenchOptions, target: Address | str) -> BenchOptions:
     """``options`` with the framing the server's greeting shows, when none was given: a
     line (``Welcome!\\n``) means a line server, a bare ``Welcome!`` (netframe's default
     ``auto``, the tutorial's server) bare words, as the tutorial's clients send them.
@@ -201,15 +201,28 @@ def _framing_for(options: BenchOptions, target: Address) -> BenchOptions:
     return options
 
 
-def probe_greeting(target: Address) -> bytes:
-    """What the server at ``target`` sends first, read by one short connection (``b""``:
-    nothing within a few seconds).
+def _probe_connection(target: Address | str) -> socket.socket:
+    if isinstance(target, Address):
+        return socket.create_connection((target.host, target.port), timeout=_PROBE_S)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(_PROBE_S)
+        sock.connect(target)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def probe_greeting(target: Address | str) -> bytes:
+    """What the server at ``target`` (an address, or a Unix socket's path) sends first,
+    read by one short connection (``b""``: nothing within a few seconds).
 
     Raises:
         BenchError: the connection is refused or fails.
     """
     try:
-        with socket.create_connection((target.host, target.port), timeout=_PROBE_S) as sock:
+        with _probe_connection(target) as sock:
             received = b""
             try:
                 while len(received) < 4096 and not received.endswith(b"\n"):
@@ -225,7 +238,10 @@ def probe_greeting(target: Address) -> bytes:
         raise BenchError(f"cannot connect to {target}: {exc.strerror or exc}") from None
 
 
-def _jobs(options: BenchOptions, target: Address) -> list[Job]:
+def _jobs(options: BenchOptions, target: Address | str) -> list[Job]:
+    host, port, path = (
+        ("", 0, target) if isinstance(target, str) else (target.host, target.port, None)
+    )
     workers = min(options.conns, options.workers or default_workers(options.client_cpus))
     share, extra = divmod(options.conns, workers)
     jobs, first = [], 0
@@ -233,7 +249,7 @@ def _jobs(options: BenchOptions, target: Address) -> list[Job]:
         conns = share + (1 if index < extra else 0)
         rate = options.rate * conns / options.conns if options.rate else None
         jobs.append(
-            Job(index=index, scenario=options.scenario, host=target.host, port=target.port,
+            Job(index=index, scenario=options.scenario, host=host, port=port, path=path,
                 conns=conns, first_conn_id=first, pipeline=options.pipeline, size=options.size,
                 framing=options.effective_framing, rate=rate, warmup_s=options.warmup_s,
                 duration_s=options.duration_s, udp_timeout_s=options.udp_timeout_s,
@@ -244,7 +260,7 @@ def _jobs(options: BenchOptions, target: Address) -> list[Job]:
 
 
 def _measure(
-    options: BenchOptions, target: Address, pid: int | None, progress: Progress | None
+    options: BenchOptions, target: Address | str, pid: int | None, progress: Progress | None
 ) -> dict[str, Any]:
     try:
         server = psutil.Process(pid) if pid else None
@@ -283,7 +299,7 @@ def _measure(
             cpu_start = _wait_and_read_cpu(
                 server, window_start, start_ns, counters, options, progress
             )
-            connections = _connections_by_process(server, target.port, cpu_start)
+            connections = _connections_by_process(server, target, cpu_start)
             cpu_end = _wait_and_read_cpu(server, window_end, start_ns, counters, options, progress)
         except KeyboardInterrupt:  # Ctrl+C: end the window now, and report what it holds
             interrupted = True
@@ -409,12 +425,14 @@ def _read_cpu(server: psutil.Process | None) -> dict[int, float]:
 
 
 def _connections_by_process(
-    server: psutil.Process | None, port: int, reading: dict[int, float]
+    server: psutil.Process | None, target: Address | str, reading: dict[int, float]
 ) -> dict[int, int]:
-    """Established TCP connections to ``port`` held by each process of a multi-process
-    server now: how the kernel spread them over its workers."""
-    if server is None or len(reading) <= 2:
+    """Established TCP connections to ``target``'s port held by each process of a
+    multi-process server now: how the kernel spread them over its workers (not counted
+    for a Unix socket's path, which all workers share)."""
+    if server is None or len(reading) <= 2 or isinstance(target, str):
         return {}
+    port = target.port
     counts = {}
     for pid in reading:
         with contextlib.suppress(psutil.Error):
@@ -465,7 +483,7 @@ def _combine(
     return figures
 
 
-def _options_dict(options: BenchOptions, target: Address, workers: int) -> dict[str, Any]:
+def _options_dict(options: BenchOptions, target: Address | str, workers: int) -> dict[str, Any]:
     data = dataclasses.asdict(options)
     data["target"] = str(target)
     data["workers"] = workers

@@ -15,8 +15,9 @@ import os
 import resource
 import signal
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection as Pipe
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from netframe.bench._load import DatagramLoad, SessionLoad, StreamLoad, Tally
 from netframe.config import Framing
@@ -53,6 +54,23 @@ class Job:
     duration_s: float
     udp_timeout_s: float
     cpus: tuple[int, ...] | None
+    #: The server's Unix socket, when it is one (``host`` and ``port`` are then unused).
+    path: str | None = None
+
+    @property
+    def target(self) -> str:
+        return self.path or f"{self.host}:{self.port}"
+
+
+_Protocol = TypeVar("_Protocol", bound=asyncio.BaseProtocol)
+
+
+async def _connect(job: Job, factory: Callable[[], _Protocol]) -> tuple[Any, _Protocol]:
+    """One stream connection to the job's server, TCP or Unix."""
+    loop = asyncio.get_running_loop()
+    if job.path is not None:
+        return await loop.create_unix_connection(factory, job.path)
+    return await loop.create_connection(factory, job.host, job.port)
 
 
 def raise_open_file_limit(wanted: int) -> int:
@@ -188,15 +206,12 @@ async def _cpu_in_window(tally: Tally) -> float:
 
 
 async def _connect_streams(job: Job, tally: Tally) -> list[StreamLoad]:
-    loop = asyncio.get_running_loop()
     protocols: list[StreamLoad] = []
 
     async def connect(conn_id: int) -> None:
         greeting, request, reply = messages(job, conn_id)
-        _, protocol = await loop.create_connection(
-            lambda: StreamLoad(tally, request, reply, greeting, job.pipeline, bool(job.rate)),
-            job.host,
-            job.port,
+        _, protocol = await _connect(
+            job, lambda: StreamLoad(tally, request, reply, greeting, job.pipeline, bool(job.rate))
         )
         try:
             await asyncio.wait_for(protocol.ready, _SESSION_TIMEOUT_S)
@@ -214,7 +229,7 @@ async def _connect_streams(job: Job, tally: Tally) -> list[StreamLoad]:
         tally.connect_errors += len(failures)
         if failures and not protocols:
             reason = str(failures[0]) or type(failures[0]).__name__
-            raise ConnectionError(f"cannot connect to {job.host}:{job.port}: {reason}")
+            raise ConnectionError(f"cannot connect to {job.target}: {reason}")
     return protocols
 
 
@@ -228,14 +243,13 @@ async def _open_datagram(job: Job, tally: Tally, conn_id: int) -> DatagramLoad:
 
 
 async def _session_loop(job: Job, tally: Tally, conn_id: int) -> None:
-    loop = asyncio.get_running_loop()
     greeting, request, reply = messages(job, conn_id)
     exit_request = b"exit" if job.framing == "raw" else b"exit\n"
     while tally.in_window():
         began = time.monotonic_ns()
         try:
-            transport, protocol = await loop.create_connection(
-                lambda: SessionLoad(greeting, request, reply, exit_request), job.host, job.port
+            transport, protocol = await _connect(
+                job, lambda: SessionLoad(greeting, request, reply, exit_request)
             )
         except OSError as exc:
             if began >= tally.start_ns:

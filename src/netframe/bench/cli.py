@@ -41,7 +41,8 @@ def add_bench_parser(commands: Any, address: Any, positive_int: Any, positive_fl
         "--target",
         type=address,
         metavar="HOST:PORT",
-        help="the running server to test (this or --spawn is required)",
+        help="the running server to test: HOST:PORT, or a Unix socket as unix:PATH or a "
+        "path with a / (this or --spawn is required)",
     )
     where.add_argument(
         "--spawn",

@@ -35,8 +35,8 @@ __all__ = [
     "UnixAddress",
 ]
 
-#: How a connection reaches the server: ``"tcp"``, ``"udp"``, or later ``"unix"``
-#: (a stream socket on a path), as Go's ``net.Dial`` names them.
+#: How a connection reaches the server: ``"tcp"``, ``"udp"``, or ``"unix"`` (a stream
+#: socket on a path), as Go's ``net.Dial`` names them.
 Network = Literal["tcp", "udp", "unix"]
 #: A message as a handler receives it: ``str`` for text handlers, ``bytes`` otherwise.
 Message = str | bytes
@@ -78,12 +78,26 @@ class InetAddress:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class UnixAddress:
-    """The path of a Unix-domain socket (``""`` for an unnamed client end)."""
+    """A Unix-domain socket end: its path, and for a peer, the process behind it.
+
+    ``path`` is ``""`` for an unnamed end, which is what most clients are, and
+    ``@name`` for a name in Linux's abstract namespace. ``pid``, ``uid`` and ``gid`` are
+    the peer process's credentials as they were when it connected (``SO_PEERCRED``);
+    ``None`` for the server's own end and where the system does not tell.
+
+    ``str()`` is the path (``unix:unnamed`` for an unnamed end) followed by the
+    credentials when known: ``unix:pid=4242,uid=1000,gid=1000``.
+    """
 
     path: str
+    pid: int | None = None
+    uid: int | None = None
+    gid: int | None = None
 
     def __str__(self) -> str:
-        return self.path or "unix:unnamed"
+        if self.uid is None:
+            return self.path or "unix:unnamed"
+        return f"{self.path or 'unix'}:pid={self.pid},uid={self.uid},gid={self.gid}"
 
 
 #: What ``conn.peer`` and ``conn.local`` hold.
@@ -141,18 +155,22 @@ class Connection(Protocol):
 
     @property
     def network(self) -> Network:
-        """``"tcp"`` or ``"udp"``."""
+        """``"tcp"``, ``"udp"``, or ``"unix"`` for a Unix-domain stream socket."""
         ...
 
     @property
     def peer(self) -> PeerAddress | None:
-        """The client: an :class:`InetAddress` (or a :class:`UnixAddress` on a Unix
-        socket), ``None`` when the socket could not tell (it was already reset)."""
+        """The client: an :class:`InetAddress`, or on a Unix socket a
+        :class:`UnixAddress` with the client process's pid, uid and gid; ``None`` when
+        the socket could not tell (it was already reset). Behind a load balancer with
+        the PROXY protocol, the client the balancer's header names."""
         ...
 
     @property
     def local(self) -> PeerAddress | None:
-        """The server's end the client reached (the listener's address and port)."""
+        """The server's end the client reached (the listener's address and port, or
+        its path; behind a load balancer with the PROXY protocol, the balancer's
+        address the client reached, from the header)."""
         ...
 
     @property
@@ -163,9 +181,9 @@ class Connection(Protocol):
 
     @property
     def via(self) -> PeerAddress | None:
-        """The proxy the connection came through when a PROXY-protocol header named the
-        real client in :attr:`peer`; ``None`` for a direct connection (always, until
-        netframe reads PROXY headers)."""
+        """The load balancer the connection came through when a PROXY protocol header
+        named the real client in :attr:`peer`; ``None`` for a direct connection (and a
+        balancer's own health check)."""
         ...
 
     @property
