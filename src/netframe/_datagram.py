@@ -113,6 +113,10 @@ async def open_datagram_endpoint(
     try:
         sock.setblocking(False)
         _ask_receive_buffer(sock, receive_buffer_bytes)
+        if family == socket.AF_INET6:
+            # [::] is IPv6 only, as for TCP: IPv4 is its own listener (0.0.0.0), so the
+            # two can share a port, and what a listener serves never hangs on a sysctl.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
     except BaseException:
         sock.close()
