@@ -17,7 +17,12 @@ import contextlib
 import socket
 from typing import Any, Final
 
-__all__ = ["ask_receive_buffer", "open_datagram_endpoint", "serve_datagram_socket"]
+__all__ = [
+    "ask_receive_buffer",
+    "open_datagram_endpoint",
+    "prepare_udp_listener",
+    "serve_datagram_socket",
+]
 
 #: Datagrams read per wake-up of the loop: enough to keep up with a flood, few enough
 #: that one busy listener cannot starve the rest of the loop.
@@ -112,7 +117,7 @@ async def open_datagram_endpoint(
     sock = socket.socket(family, type_, proto)
     try:
         sock.setblocking(False)
-        ask_receive_buffer(sock, receive_buffer_bytes)
+        prepare_udp_listener(sock, receive_buffer_bytes)
         sock.bind(sockaddr)
     except BaseException:
         sock.close()
@@ -135,6 +140,15 @@ async def serve_datagram_socket(
         return BatchedDatagramTransport(loop, sock, protocol, max_datagram_bytes + 1)
     transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
     return transport
+
+
+def prepare_udp_listener(sock: socket.socket, receive_buffer_bytes: int) -> None:
+    """The options every UDP listening socket gets before it is bound."""
+    ask_receive_buffer(sock, receive_buffer_bytes)
+    if sock.family == socket.AF_INET6:
+        # [::] is IPv6 only, as for TCP: IPv4 is its own listener (0.0.0.0), so the two
+        # can share a port, and what a listener serves never hangs on a sysctl.
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
 
 
 def ask_receive_buffer(sock: socket.socket, size: int) -> None:

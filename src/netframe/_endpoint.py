@@ -126,6 +126,9 @@ class EndpointContext:
         self.line_limit_reply = line_limit_reply(config.max_line_bytes)
         self.next_id: Callable[[], int] = _connection_ids.__next__
         self.strip_datagram_terminator = config.framing in ("auto", "line")
+        # Set by the server on a loop whose transport.close() leaves the peer without an
+        # end of stream (rloop): the endpoint sends write_eof() first.
+        self.eof_before_close = False
 
     def refused(self, reason: str, count: int = 1) -> None:
         """Count connections refused for ``reason``; log a summary at most once a second."""

@@ -21,7 +21,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from netframe._datagram import ask_receive_buffer
+from netframe._datagram import prepare_udp_listener
 from netframe._unix import FileIdentity, bind_unix_listener, remove_socket_file
 from netframe.config import Config
 from netframe.logs import get_logger
@@ -93,7 +93,7 @@ def bind_groups(config: Config, count: int) -> Listeners:
                 groups.append(
                     _bind_group(
                         family, type_, proto, sockaddr, count,
-                        prepare=lambda sock: ask_receive_buffer(sock, size),  # noqa: B023
+                        prepare=lambda sock: prepare_udp_listener(sock, size),  # noqa: B023
                     )
                 )  # fmt: skip
             except OSError as exc:

@@ -43,7 +43,8 @@ __all__ = [
 ]
 
 Framing: TypeAlias = Literal["auto", "line", "raw"]
-LoopName: TypeAlias = Literal["auto", "asyncio", "uvloop"]
+#: A built-in loop's name, or ``module:attribute`` naming a callable that makes a loop.
+LoopName: TypeAlias = str
 LogFormat: TypeAlias = Literal["console", "json"]
 ProxyProtocol: TypeAlias = Literal["off", "v1", "v2", "any"]
 # A built-in handler's name, "module:attribute", or a callable that makes one handler.
@@ -53,7 +54,7 @@ HandlerSpec: TypeAlias = "str | Callable[[], Handler]"
 FRAMINGS: tuple[Framing, ...] = ("auto", "line", "raw")
 #: What the server frames by name; it also takes ``module:attribute`` for a user framer.
 SERVER_FRAMINGS: tuple[str, ...] = (*FRAMINGS, "length")
-LOOPS: tuple[LoopName, ...] = ("auto", "asyncio", "uvloop")
+LOOPS: tuple[LoopName, ...] = ("auto", "asyncio", "uvloop", "rloop")
 LOG_FORMATS: tuple[LogFormat, ...] = ("console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 PROXY_PROTOCOLS: tuple[ProxyProtocol, ...] = ("off", "v1", "v2", "any")
@@ -187,7 +188,7 @@ Kind: TypeAlias = Literal[
     "networks",
     "text",
     "choice",
-    "framing",
+    "pluggable",
     "count",
     "count0",
     "auto_count",
@@ -248,12 +249,12 @@ class Setting:
             return None if text.strip().lower() == "auto" else _whole(text, 1, self.upper)
         if kind in ("seconds", "seconds0"):
             return _seconds(text, allow_zero=kind == "seconds0")
-        if kind == "framing" and ":" in text:
+        if kind == "pluggable" and ":" in text:
             return text
-        if kind in ("choice", "framing") and text.lower() in self.choices:
+        if kind in ("choice", "pluggable") and text.lower() in self.choices:
             return text.lower()
-        if kind in ("choice", "framing"):
-            more = " or module:attribute" if kind == "framing" else ""
+        if kind in ("choice", "pluggable"):
+            more = " or module:attribute" if kind == "pluggable" else ""
             raise ConfigError(f"{text!r} is not one of {', '.join(self.choices)}{more}")
         return text
 
@@ -264,7 +265,7 @@ class Setting:
             ConfigError: naming the field and the rule.
         """
         kind = self.kind
-        if kind == "choice" or (kind == "framing" and ":" not in str(value)):
+        if kind == "choice" or (kind == "pluggable" and ":" not in str(value)):
             _choice(name, value, self.choices)
         elif kind in ("count", "count0") or (kind == "auto_count" and value is not None):
             lowest = 0 if kind == "count0" else 1
@@ -425,7 +426,7 @@ class Config:
         "auto", "--framing",
         "how the TCP stream is cut into messages: auto, line, raw, length, or "
         "module:attribute (your own Framer)",
-        "serves both the tutorial's bare-word clients and line clients", "framing",
+        "serves both the tutorial's bare-word clients and line clients", "pluggable",
         choices=SERVER_FRAMINGS, metavar="FRAMING",
     )  # fmt: skip
     length_prefix_bytes: int = _setting(
@@ -434,8 +435,11 @@ class Config:
         "count", metavar="2|4", upper=4,
     )  # fmt: skip
     loop: LoopName = _setting(
-        "auto", "--loop", "event loop; auto uses uvloop when installed",
-        "uvloop is the faster loop; asyncio is always there", "choice", choices=LOOPS,
+        "auto", "--loop",
+        "event loop: auto (uvloop when installed), asyncio, uvloop, rloop, or "
+        "module:attribute (a callable that makes a new loop)",
+        "uvloop is the faster loop; asyncio is always there", "pluggable", choices=LOOPS,
+        metavar="LOOP",
     )  # fmt: skip
     encoding: str = _setting(
         "utf-8", "--encoding", "text encoding of messages", "what the tutorial uses", "text",

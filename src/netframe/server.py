@@ -47,7 +47,7 @@ from netframe.framing import make_framer
 from netframe.handlers import HandlerError, resolve_handler
 from netframe.limits import connection_budget
 from netframe.logs import configure_logging, flush_logs, get_logger, lifecycle_logger
-from netframe.loops import loop_factory, resolve_loop_name
+from netframe.loops import EOF_BEFORE_CLOSE, loop_factory, loop_lacks, resolve_loop_name
 from netframe.systemd import Handover, take
 from netframe.tcp import BufferedTcpEndpoint, TcpEndpoint
 from netframe.udp import UdpEndpoint
@@ -197,6 +197,8 @@ class Server:
             self.config, self._handler_factory, self._log, framers=self._framer_factory
         )
         ctx.now = loop.time()
+        # A loop whose close() does not end the stream by itself (rloop 0.5).
+        ctx.eof_before_close = type(loop).__module__.partition(".")[0] in EOF_BEFORE_CLOSE
         if self.config.proxy_protocol != "off":
             self._proxy_gates = ProxyGates(ctx)
         try:
@@ -902,6 +904,7 @@ def run_in_process(config: Config | None = None, **settings: Any) -> int:
     server = Server(config, sockets=handed, **settings)
     config = server.config
     factory = loop_factory(config.loop)
+    loop_lacks(config.loop, {"unix": bool(config.unix)})
     configure_logging(config.log_format, config.log_level)
     log_handover(handover, config)
     try:
@@ -1032,7 +1035,10 @@ async def serve_until_signal(
         else:
             stopping.cancel()
         for signum in signals:
-            loop.remove_signal_handler(signum)
+            # Best effort: rloop 0.5's remove_signal_handler raises AttributeError, and
+            # the process ends next anyway.
+            with contextlib.suppress(AttributeError, RuntimeError, NotImplementedError):
+                loop.remove_signal_handler(signum)
 
 
 def failure_reason(exc: BaseException) -> object:

@@ -104,6 +104,8 @@ class _Transport(Protocol):
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
     def get_write_buffer_size(self) -> int: ...
+    def can_write_eof(self) -> bool: ...
+    def write_eof(self) -> None: ...
     def get_extra_info(self, name: str, default: Any = None) -> Any: ...
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None: ...
 
@@ -221,7 +223,7 @@ class TcpEndpoint:
             self._started = time.monotonic()
         if ctx.stopping:
             self._closing = True
-            transport.close()
+            self._end(transport)
             return
         if len(ctx.connections) >= ctx.max_connections:
             self._refuse(TOO_MANY_REPLY, CloseReason.MAX_CONNECTIONS)
@@ -761,7 +763,7 @@ class TcpEndpoint:
         transport = self._transport
         if transport is not None:
             transport.write(self._framer.encode(reply, LF))
-            transport.close()
+            self._end(transport)
         self._ctx.refused(reason.value)
 
     def _refuse_undecodable(self) -> None:
@@ -813,6 +815,13 @@ class TcpEndpoint:
             return
         if self._registered and transport.get_write_buffer_size():
             self._schedule_check()  # a peer that never reads must not hold the close open
+        self._end(transport)
+
+    def _end(self, transport: _Transport) -> None:
+        """``transport.close()``, after ``write_eof()`` on a loop that needs it (rloop)."""
+        if self._ctx.eof_before_close and transport.can_write_eof():
+            with contextlib.suppress(OSError, RuntimeError):
+                transport.write_eof()
         transport.close()
 
     def _abort(self, reason: CloseReason) -> None:
