@@ -451,3 +451,21 @@ async def test_testing_helpers_take_an_empty_list_as_that_transport_off() -> Non
         assert [bound.transport for bound in server.addresses] == ["tcp"]
     async with serving() as server:
         assert sorted(bound.transport for bound in server.addresses) == ["tcp", "udp"]
+
+
+async def test_a_server_encoding_other_than_utf8_decodes_and_encodes_in_it() -> None:
+    # UTF-8, the default, takes a fast path; every other encoding is named on each call.
+    async with serving(encoding="latin-1", framing="line") as server:
+        async with Client.connect(server) as client:
+            await client.expect(b"Welcome!\n")
+            await client.send(b"Zo\xeb\n")  # "Zoë" in latin-1: not valid UTF-8
+            await client.expect(b"Hello, Zo\xeb!\n")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(10)
+            sock.sendto(b"Zo\xeb\n", server.address("udp"))
+            assert await asyncio.to_thread(sock.recv, 100) == b"Hello, Zo\xeb!\n"
+    async with serving(encoding="ascii", framing="line") as server:
+        async with Client.connect(server) as client:
+            await client.expect(b"Welcome!\n")
+            await client.send(b"Zo\xc3\xab\n")
+            await client.expect(b"Error: message is not valid ascii\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import itertools
 import logging
 from collections.abc import Callable
@@ -111,6 +112,9 @@ class EndpointContext:
         # framers); False: replies are payload + terminator, with no call.
         self.framer_encodes = type(self.framer_factory()).encode is not Framer.encode
         self.encoding = config.encoding
+        # UTF-8 (the default) by name: decode() and encode() with no argument take
+        # CPython's UTF-8 path straight, where a name is looked up on every call.
+        self.utf8 = codecs.lookup(config.encoding).name == "utf-8"
         # netframe's own per-connection and per-message events follow config.log_level
         # even where the application's structlog set-up would let everything through.
         floor = logging.getLevelNamesMapping()[config.log_level.upper()]

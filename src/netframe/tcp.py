@@ -443,7 +443,8 @@ class TcpEndpoint:
         if self._closing:
             return
         if isinstance(message, str):
-            message = message.encode(self._ctx.encoding)
+            ctx = self._ctx
+            message = message.encode() if ctx.utf8 else message.encode(ctx.encoding)
         self.messages_out += 1
         batch = self._batch
         if batch is not None:  # a reply, or the greeting: the common case
@@ -603,7 +604,7 @@ class TcpEndpoint:
                 message: str | bytes = payload
                 if encoding is not None:
                     try:
-                        message = payload.decode(encoding)
+                        message = payload.decode() if ctx.utf8 else payload.decode(encoding)
                     except UnicodeDecodeError:
                         self._refuse_undecodable()
                         continue

@@ -94,7 +94,8 @@ class UdpPeer:
         if self._closed:
             return
         if isinstance(message, str):
-            message = message.encode(self._endpoint.ctx.encoding)
+            ctx = self._endpoint.ctx
+            message = message.encode() if ctx.utf8 else message.encode(ctx.encoding)
         self._endpoint.send_datagram(message + self._terminator, self.addr)
 
     def close(self) -> None:
@@ -189,7 +190,7 @@ class UdpEndpoint:
         message: str | bytes = payload
         if self.handler.text:
             try:
-                message = payload.decode(ctx.encoding)
+                message = payload.decode() if ctx.utf8 else payload.decode(ctx.encoding)
             except UnicodeDecodeError:
                 self._drop("undecodable", addr)
                 return
