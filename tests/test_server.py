@@ -464,8 +464,10 @@ async def test_a_server_encoding_other_than_utf8_decodes_and_encodes_in_it() -> 
             sock.settimeout(10)
             sock.sendto(b"Zo\xeb\n", server.address("udp"))
             assert await asyncio.to_thread(sock.recv, 100) == b"Hello, Zo\xeb!\n"
-    async with serving(encoding="ascii", framing="line") as server:
-        async with Client.connect(server) as client:
-            await client.expect(b"Welcome!\n")
-            await client.send(b"Zo\xc3\xab\n")
-            await client.expect(b"Error: message is not valid ascii\n")
+    async with (
+        serving(encoding="ascii", framing="line") as server,
+        Client.connect(server) as client,
+    ):
+        await client.expect(b"Welcome!\n")
+        await client.send(b"Zo\xc3\xab\n")
+        await client.expect(b"Error: message is not valid ascii\n")
