@@ -40,6 +40,7 @@ from typing import Any, Final, Protocol
 from mypy_extensions import mypyc_attr
 from structlog.typing import FilteringBoundLogger
 
+from netframe._awaiting import finish, run_handler_calls
 from netframe._endpoint import (
     HANDLER_ERROR_EVENT,
     TICK_S,
@@ -712,46 +713,13 @@ class TcpEndpoint:
         self._waiting = awaitable
         self._waiting_hook = hook
         if self._task is None:
-            self._task = asyncio.ensure_future(self._run_async())
-
-    async def _run_async(self) -> None:
-        """Await the handler's pending call, then hand over what queued behind it, until
-        the queue is empty or the handler awaits again.
-
-        A failing or cancelled await (a lookup that raised, a future another task
-        cancelled) is the handler's failure: it is logged and the connection closes
-        after the replies made so far. Only a cancellation of this task itself (the
-        connection went away) ends the loop quietly.
-        """
-        try:
-            while (waiting := self._waiting) is not None:
-                try:
-                    await waiting
-                except asyncio.CancelledError:
-                    task = asyncio.current_task()
-                    if task is not None and task.cancelling():
-                        raise
-                    self._handler_failed(self._waiting_hook, cancelled=True)
-                    break
-                except Exception:
-                    self._handler_failed(self._waiting_hook)
-                    break
-                self._waiting = None
-                self._pump()
-        finally:
-            self._task = None
-            self._waiting = None
+            # The awaiting itself is plain Python: see netframe._awaiting.
+            self._task = asyncio.ensure_future(run_handler_calls(self))
 
     def _background(self, awaitable: Any, hook: str) -> None:
         """Run an async ``on_disconnect`` to the end; a stopping server waits for it."""
 
-        async def finish() -> None:
-            try:
-                await awaitable
-            except Exception:
-                self._handler_failed(hook)
-
-        task = asyncio.ensure_future(finish())
+        task = asyncio.ensure_future(finish(awaitable, lambda: self._handler_failed(hook)))
         self._ctx.background.add(task)
         task.add_done_callback(self._ctx.background.discard)
 

@@ -34,6 +34,7 @@ from typing import Any, Final, Protocol
 
 from structlog.typing import FilteringBoundLogger
 
+from netframe._awaiting import finish
 from netframe._endpoint import (
     HANDLER_ERROR_EVENT,
     SUMMARY_INTERVAL_S,
@@ -252,15 +253,10 @@ class UdpEndpoint:
             if asyncio.iscoroutine(awaitable):
                 awaitable.close()
             return
-        task = asyncio.ensure_future(self._finish(awaitable, peer))
+        # The awaiting itself is plain Python: see netframe._awaiting.
+        task = asyncio.ensure_future(finish(awaitable, lambda: self._handler_failed(peer.addr)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _finish(self, awaitable: Any, peer: UdpPeer) -> None:
-        try:
-            await awaitable
-        except Exception:
-            self._handler_failed(peer.addr)
 
     def _handler_failed(self, addr: tuple[Any, ...]) -> None:
         """A handler error costs one datagram; its traceback is logged once a second at most.
