@@ -158,14 +158,15 @@ def collect(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
     table: dict[str, Any] = {}
     for scenario, by_server in runs.items():
         for name, results in by_server.items():
-            entry: dict[str, Any] = {
-                "ops_per_s": summarize([r["ops_per_s"] for r in results]),
-                "errors": sum(r["errors"] for r in results),
-            }
+            entry: dict[str, Any] = {"errors": sum(r["errors"] for r in results)}
+            # hold measures no throughput or latency: its runs report None for both.
+            ops = [r["ops_per_s"] for r in results]
+            if all(o is not None for o in ops):
+                entry["ops_per_s"] = summarize(ops)
             cpu = [r["server"].get("cpu_us_per_op") for r in results]
             if all(c is not None for c in cpu):
                 entry["cpu_us_per_op"] = summarize(cpu)  # type: ignore[arg-type]
-            if all("latency_us" in r for r in results):
+            if all(r.get("latency_us") for r in results):
                 for key in ("p50", "p99"):
                     entry[f"latency_{key}_us"] = summarize([r["latency_us"][key] for r in results])
             if scenario == "udp":
