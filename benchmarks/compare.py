@@ -46,7 +46,9 @@ def _netframe(loop: str, *, pure: bool = False) -> Argv:
         scenario = "echo" if handler == "echo" else "greeting"
         # The tutorial's bare exchange: netframe on its defaults (auto framing).
         framing = ("--framing", "auto") if handler == "bare-greeting" else ()
-        options = BenchOptions(scenario=scenario, spawn_args=("--loop", loop, *framing))
+        # The per-source UDP rate limit off: every datagram comes from one host here.
+        spawn = ("--loop", loop, "--udp-rate", "0", *framing)
+        options = BenchOptions(scenario=scenario, spawn_args=spawn)
         command = netframe_serve_argv(options, port)
         # env(1) execs the server, so the process measured is still the server itself.
         return ["env", "NETFRAME_NO_EXTENSIONS=1", *command] if pure else command

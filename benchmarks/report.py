@@ -147,7 +147,9 @@ def write_report(document: dict[str, Any], out: Path) -> None:
         f"{settings['duration']:g} s after {settings['warmup']:g} s of warm-up; figures are "
         "the median over rounds, with the range in brackets. The load generator is "
         "`python -m netframe bench` (closed loop, one request in flight per connection). "
-        "netframe runs with `--log-level warning` (no per-connection log lines), the "
+        "netframe runs with `--log-level warning` (no per-connection log lines) and "
+        "`--udp-rate 0` (one host sends all the load, so the per-source limit would "
+        "measure itself), the "
         "baselines log nothing.",
         "",
         "Server CPU per operation is user + system time of the server process divided by "
