@@ -117,3 +117,121 @@ def test_resolve_errors_are_one_line(spec: str, reason: str) -> None:
     with pytest.raises(HandlerError, match=reason) as info:
         resolve_handler(spec)
     assert "\n" not in str(info.value)
+
+
+# -- however a handler defines its hooks, they are called as written ------------------------
+# The endpoint looks a handler class's hooks up once (netframe._endpoint.HandlerHooks);
+# these handlers define them in every other way a user might, and each must behave over
+# a real socket exactly as its class says.
+
+
+class _TextFromInit(Handler):
+    """Sets ``text`` on the instance: messages arrive as bytes."""
+
+    def __init__(self) -> None:
+        self.text = False
+
+    def on_message(self, conn: Connection, message: object) -> None:
+        conn.send(type(message).__name__)
+
+
+class _TextProperty(Handler):
+    @property
+    def text(self) -> bool:  # type: ignore[override]
+        return False
+
+    def on_message(self, conn: Connection, message: object) -> None:
+        conn.send(type(message).__name__)
+
+
+class _HookFromInit(Handler):
+    """Binds its own ``on_message`` and ``on_connect`` per instance."""
+
+    def __init__(self) -> None:
+        self.on_message = self._shout  # type: ignore[method-assign]
+        self.on_connect = self._greet  # type: ignore[method-assign]
+
+    def _greet(self, conn: Connection) -> None:
+        conn.send("hi")
+
+    def _shout(self, conn: Connection, message: str) -> None:
+        conn.send(message.upper())
+
+
+class _Static(Handler):
+    @staticmethod
+    def on_message(conn: Connection, message: str) -> None:  # type: ignore[override]
+        conn.send(f"static {message}")
+
+
+class _Duck:
+    """No Handler base class: only the hooks, as plain methods."""
+
+    text = True
+
+    def on_connect(self, conn: Connection) -> None:
+        conn.send("duck")
+
+    def on_message(self, conn: Connection, message: str) -> None:
+        conn.send(f"quack {message}")
+
+    def on_disconnect(self, conn: Connection) -> None:
+        _DISCONNECTED.append(conn.close_reason)
+
+
+class _Greets(GreetingHandler):
+    """A subclass of a built-in handler that adds on_disconnect."""
+
+    __slots__ = ()
+
+    def on_disconnect(self, conn: Connection) -> None:
+        _DISCONNECTED.append(conn.close_reason)
+
+
+_DISCONNECTED: list[object] = []
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("loop_checked")
+@pytest.mark.parametrize(
+    ("handler", "greeting", "reply"),
+    [
+        (_TextFromInit, b"", b"bytes\n"),
+        (_TextProperty, b"", b"bytes\n"),
+        (_HookFromInit, b"hi\n", b"BOB\n"),
+        (_Static, b"", b"static bob\n"),
+        (_Duck, b"duck\n", b"quack bob\n"),
+        (_Greets, b"Welcome!\n", b"Hello, bob!\n"),
+    ],
+)
+async def test_hooks_are_called_however_the_handler_defines_them(
+    handler: type, greeting: bytes, reply: bytes
+) -> None:
+    _DISCONNECTED.clear()
+    async with serving(handler=handler, framing="line") as server:
+        for _ in range(2):  # the second connection meets the hooks the first looked up
+            async with Client.connect(server) as client:
+                await client.expect(greeting)
+                await client.send(b"bob\n")
+                await client.expect(reply)
+        if handler in (_Duck, _Greets):
+            await wait_until(lambda: len(_DISCONNECTED) == 2, "on_disconnect for each")
+            assert {str(reason) for reason in _DISCONNECTED} == {"peer_closed"}
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("loop_checked")
+async def test_a_factory_making_handlers_of_two_classes_gets_each_class_hooks() -> None:
+    made = 0
+
+    def factory() -> Handler:
+        nonlocal made
+        made += 1
+        return GreetingHandler() if made % 2 else _TextFromInit()
+
+    async with serving(handler=factory, framing="line") as server:
+        made = 0  # the UDP listener's handler and resolve_handler's trial are not counted
+        for expected in (b"Welcome!\nHello, a!\n", b"bytes\n") * 2:
+            async with Client.connect(server) as client:
+                await client.send(b"a\n")
+                await client.expect(expected)

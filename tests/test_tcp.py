@@ -579,3 +579,60 @@ async def test_many_connections_reading_at_once_never_mix_their_bytes() -> None:
         results = await asyncio.gather(*(echo(i) for i in range(1, 21)))
     assert [set(result) for result in results] == [{i} for i in range(1, 21)]
     assert {len(result) for result in results} == {300_000}
+
+
+# -- user framers, wrapped for the compiled endpoint (netframe.framing.ForeignFramer) -------
+
+
+class DuckFramer:
+    """A framer that does not subclass netframe.Framer: ``;``-ended messages, replies
+    in brackets, a greeting ended by ``!``, pushes by ``?``, and ``partial`` a property."""
+
+    greeting_terminator = b"!"
+    push_terminator = b"?"
+    overflow = False
+    unparsed = b""
+    wake_after = None
+
+    def __init__(self) -> None:
+        self.buffer = b""
+
+    @property
+    def partial(self) -> bytes:
+        return self.buffer
+
+    def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        *whole, self.buffer = (self.buffer + data).split(b";")
+        self.overflow = any(len(message) > 64 for message in [*whole, self.buffer])
+        return [(message, b";") for message in whole]
+
+    def eof(self) -> list[tuple[bytes, bytes]]:
+        return []
+
+    def timeout(self) -> list[tuple[bytes, bytes]]:
+        return []
+
+    def encode(self, payload: bytes, terminator: bytes) -> bytes:
+        return b"[" + payload + b"]" + terminator
+
+
+@pytest.mark.asyncio
+async def test_a_framer_that_does_not_subclass_framer_frames_over_tcp() -> None:
+    async with serving(framing="test_tcp:DuckFramer") as server:
+        host, port = server.address("tcp")
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            assert await asyncio.wait_for(reader.readexactly(11), 10) == b"[Welcome!]!"
+            writer.write(b"Bo")  # partial: held until the ";"
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"b;Al;")
+            assert await asyncio.wait_for(reader.readexactly(27), 10) == (
+                b"[Hello, Bob!];[Hello, Al!];"
+            )
+            writer.write(b"x" * 65)  # over the framer's own limit: its overflow
+            rest = await asyncio.wait_for(reader.read(), 10)
+            assert rest.startswith(b"[Error: ")
+            assert rest.endswith(b"]\n")
+        finally:
+            writer.close()

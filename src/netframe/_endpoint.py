@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import inspect
 import itertools
 import logging
+import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from structlog.typing import FilteringBoundLogger
 
 from netframe.config import Config
-from netframe.framing import Framer, FramerLike, make_framer
+from netframe.framing import ForeignFramer, Framer, FramerFactory, make_framer, user_framers
 from netframe.handlers import Handler, InetAddress, PeerAddress
 from netframe.handlers._interface import unmapped_host as normalise_host
 from netframe.limits import DeadlineWheel, EventSummary
@@ -60,6 +62,71 @@ def line_limit_reply(max_line_bytes: int) -> bytes:
     return error_reply(f"line exceeds {max_line_bytes} bytes")
 
 
+def _plain_function(cls: type, name: str) -> Any:
+    """``cls``'s method ``name`` as the plain function its instances would bind, or
+    ``None`` when it is anything else (a staticmethod, a callable object, missing)."""
+    try:
+        found = inspect.getattr_static(cls, name)
+    except AttributeError:
+        return None
+    return found if isinstance(found, types.FunctionType) else None
+
+
+class HandlerHooks:
+    """The hooks of one handler class, looked up once for every connection it serves.
+
+    Read through each instance, ``handler.on_message`` makes a bound method on every
+    read, and ``handler.text`` is one more lookup. Found on the class once, a hook is
+    called as ``function(handler, conn, ...)``, and a hook the class leaves to
+    :class:`Handler` (which does nothing) is not called at all. Anything that is not a
+    plain function or a plain ``bool`` on the class, and any hook or ``text`` an instance
+    sets on itself (seen when the handler is made), is looked up on the instance as before.
+    """
+
+    __slots__ = ("cls", "instance_dict", "on_connect", "on_disconnect", "on_message", "text")
+
+    def __init__(self, cls: type | None) -> None:
+        """The hooks of ``cls``; with ``None``, hooks looked up on each instance."""
+        self.cls = cls
+        #: None: call it through the instance; NOTHING: Handler's own no-op, not called.
+        self.on_connect: Any = None
+        self.on_disconnect: Any = None
+        self.on_message: Any = None
+        #: 1 or 0: the class's plain ``text``; -1: read it from each handler.
+        self.text = -1
+        # Instances can carry their own hooks only if they have a __dict__.
+        self.instance_dict = False
+        if cls is None:
+            return
+        self.instance_dict = bool(getattr(cls, "__dictoffset__", 0))
+        on_connect = _plain_function(cls, "on_connect")
+        on_disconnect = _plain_function(cls, "on_disconnect")
+        self.on_connect = NOTHING if on_connect is _HANDLER_ON_CONNECT else on_connect
+        self.on_disconnect = NOTHING if on_disconnect is _HANDLER_ON_DISCONNECT else on_disconnect
+        self.on_message = _plain_function(cls, "on_message")
+        text = inspect.getattr_static(cls, "text", True)
+        if isinstance(text, bool):
+            self.text = int(text)
+
+    def shadowed(self, handler: object) -> bool:
+        """True if ``handler`` sets a hook or ``text`` on itself."""
+        if not self.instance_dict:
+            return False
+        own: dict[str, Any] | None = getattr(handler, "__dict__", None)
+        if not own:
+            return False
+        return any(name in own for name in _HOOK_NAMES)
+
+
+#: Stands for a hook that is :class:`Handler`'s own no-op.
+NOTHING: Final = object()
+_HANDLER_ON_CONNECT: Final = _plain_function(Handler, "on_connect")
+_HANDLER_ON_DISCONNECT: Final = _plain_function(Handler, "on_disconnect")
+_HOOK_NAMES: Final = ("on_connect", "on_message", "on_disconnect", "text")
+#: The hooks of a handler that sets its own: every one looked up on the instance.
+DYNAMIC_HOOKS: Final = HandlerHooks(None)
+
+
 class EndpointContext:
     """Everything the endpoints of one server share, computed once at start.
 
@@ -72,10 +139,21 @@ class EndpointContext:
         config: Config,
         handler_factory: Callable[[], Handler],
         log: FilteringBoundLogger,
-        framers: Callable[[], FramerLike] | None = None,
+        framers: Callable[[], Framer] | None = None,
     ) -> None:
         self.config = config
+        # The limits the TCP endpoint reads on every connection or message, as native
+        # fields: read through the frozen Config, each would be a Python attribute lookup.
+        self.max_per_ip = config.max_per_ip
+        self.idle_timeout_s = config.idle_timeout_s
+        self.message_timeout_s = config.message_timeout_s
+        self.send_timeout_s = config.send_timeout_s
+        self.max_pending_messages = config.max_pending_messages
+        self.write_buffer_high_bytes = config.write_buffer_high_bytes
+        self.write_buffer_low_bytes = config.write_buffer_low_bytes
         self.handler_factory = handler_factory
+        # The hooks of the handler class met last (usually the only one).
+        self.hooks = DYNAMIC_HOOKS
         # Resolve structlog's lazy proxy once: every connection binds from a real logger.
         self.log: FilteringBoundLogger = log.bind()
         # Live TCP endpoints, for graceful shutdown and stats.
@@ -102,15 +180,23 @@ class EndpointContext:
         self.stopping = False
         self.summary = EventSummary(SUMMARY_INTERVAL_S)
         # Made by the server (where a user framer's errors are reported); else from config.
-        self.framer_factory: Callable[[], FramerLike] = framers or make_framer(
+        factory = framers or make_framer(
             config.framing,
             config.max_line_bytes,
             config.bare_message_delay_s,
             config.length_prefix_bytes,
         )
+        # A FramerFactory, whose make() the compiled endpoint calls directly.
+        self.framer_factory: FramerFactory = (
+            factory
+            if isinstance(factory, FramerFactory)
+            else user_framers(factory, config.max_line_bytes)
+        )
         # The framer's own reply encoding, when it has one (length framing, user
         # framers); False: replies are payload + terminator, with no call.
-        self.framer_encodes = type(self.framer_factory()).encode is not Framer.encode
+        trial = self.framer_factory()
+        own = trial.inner if isinstance(trial, ForeignFramer) else trial
+        self.framer_encodes = getattr(type(own), "encode", None) is not Framer.encode
         self.encoding = config.encoding
         # UTF-8 (the default) by name: decode() and encode() with no argument take
         # CPython's UTF-8 path straight, where a name is looked up on every call.
@@ -133,6 +219,13 @@ class EndpointContext:
         # Set by the server on a loop whose transport.close() leaves the peer without an
         # end of stream (rloop): the endpoint sends write_eof() first.
         self.eof_before_close = False
+
+    def hooks_of(self, handler: object) -> HandlerHooks:
+        """The :class:`HandlerHooks` for a new ``handler``."""
+        hooks = self.hooks
+        if hooks.cls is not type(handler):
+            hooks = self.hooks = HandlerHooks(type(handler))
+        return DYNAMIC_HOOKS if hooks.shadowed(handler) else hooks
 
     def refused(self, reason: str, count: int = 1) -> None:
         """Count connections refused for ``reason``; log a summary at most once a second."""

@@ -481,9 +481,10 @@ class Server:
         # the two paths measure the same, and the plain one is simpler.
         endpoint = BufferedTcpEndpoint if standard else TcpEndpoint
 
-        def make_endpoint() -> TcpEndpoint | BufferedTcpEndpoint:
-            return endpoint(ctx, network)
-
+        # A partial: the loop calls it per connection, in C, with no Python frame.
+        make_endpoint: Callable[[], TcpEndpoint | BufferedTcpEndpoint] = functools.partial(
+            endpoint, ctx, network
+        )
         factory: Callable[[], Any] = make_endpoint
         if self._proxy_gates is not None and network == "tcp":  # the header, then the endpoint
             factory = self._proxy_gates.factory(make_endpoint, buffered=standard)

@@ -34,7 +34,6 @@ import math
 import socket
 import struct
 import time
-from collections.abc import Iterable
 from typing import Any, Final, Protocol
 
 from mypy_extensions import mypyc_attr
@@ -42,7 +41,9 @@ from structlog.typing import FilteringBoundLogger
 
 from netframe._awaiting import finish, run_handler_calls
 from netframe._endpoint import (
+    DYNAMIC_HOOKS,
     HANDLER_ERROR_EVENT,
+    NOTHING,
     TICK_S,
     UNDECODABLE_EVENT,
     EndpointContext,
@@ -50,7 +51,7 @@ from netframe._endpoint import (
     format_peer,
 )
 from netframe._unix import limit_key, unix_address
-from netframe.framing import LF, FramerLike, Message
+from netframe.framing import LF, Framer, Message
 from netframe.handlers import CloseReason, Handler, InetAddress, PeerAddress, TlsInfo
 from netframe.handlers._interface import Network
 
@@ -130,6 +131,7 @@ class TcpEndpoint:
         "_framer",
         "_framer_timer",
         "_handler",
+        "_hooks",
         "_ip",
         "_local",
         "_local_read",
@@ -165,7 +167,7 @@ class TcpEndpoint:
 
     def __init__(self, ctx: EndpointContext, network: Network = "tcp") -> None:
         self._ctx = ctx
-        self._framer: FramerLike = ctx.framer_factory()
+        self._framer: Framer = ctx.framer_factory.make()
         framer = self._framer
         #: ``"tcp"``, or ``"unix"`` on a Unix-domain listener (the same endpoint serves
         #: both): a per-connection attribute, not a class constant.
@@ -173,6 +175,7 @@ class TcpEndpoint:
         # The framer's reply encoding if it has its own; else a reply is payload + ending.
         self._encode = framer.encode if ctx.framer_encodes else None
         self._handler: Handler | None = None  # made in connection_made, where errors are caught
+        self._hooks = DYNAMIC_HOOKS  # how its hooks are called (see HandlerHooks)
         self._transport: _Transport | None = None
         # Replies made while a batch of input is handled; None outside a batch, when
         # sends write straight through (async handlers, after an await).
@@ -229,7 +232,7 @@ class TcpEndpoint:
         if len(ctx.connections) >= ctx.max_connections:
             self._refuse(TOO_MANY_REPLY, CloseReason.MAX_CONNECTIONS)
             return
-        limit = ctx.config.max_per_ip
+        limit = ctx.max_per_ip
         if limit:
             peer = self.peer
             # A Unix peer counts under its user id (see netframe._unix.limit_key).
@@ -239,12 +242,10 @@ class TcpEndpoint:
                 return
             ctx.per_ip[ip] = ctx.per_ip.get(ip, 0) + 1
         self._registered = True
-        transport.set_write_buffer_limits(
-            high=ctx.config.write_buffer_high_bytes, low=ctx.config.write_buffer_low_bytes
-        )
+        transport.set_write_buffer_limits(ctx.write_buffer_high_bytes, ctx.write_buffer_low_bytes)
         ctx.connections.add(self)
-        if ctx.config.idle_timeout_s:
-            self._check_at = ctx.now + ctx.config.idle_timeout_s + TICK_S
+        if ctx.idle_timeout_s:
+            self._check_at = ctx.now + ctx.idle_timeout_s + TICK_S
             ctx.arrivals.append(self)  # into the wheel at the next tick, if still open
         if ctx.info:
             if (fast := ctx.connection_log) is not None:
@@ -255,8 +256,14 @@ class TcpEndpoint:
         try:
             # The user's factory runs here, not in the listener's protocol factory: an
             # exception there would stop uvloop from accepting any further connection.
-            self._handler = ctx.handler_factory()
-            result = self._handler.on_connect(self)
+            self._handler = handler = ctx.handler_factory()
+            hooks = self._hooks = ctx.hooks_of(handler)
+            if hooks.on_connect is None:
+                result = handler.on_connect(self)
+            elif hooks.on_connect is NOTHING:
+                result = None
+            else:
+                result = hooks.on_connect(handler, self)
         except Exception:
             self._handler_failed("handler_factory" if self._handler is None else "on_connect")
         else:
@@ -289,7 +296,7 @@ class TcpEndpoint:
             # under way (no message completed in this read).
             if messages or not self._message_started:
                 self._message_started = now
-                timeout = ctx.config.message_timeout_s
+                timeout = ctx.message_timeout_s
                 if timeout and now + timeout + TICK_S < self._check_at:
                     self._schedule_check(now + timeout + TICK_S)
         elif self._message_started:
@@ -350,9 +357,14 @@ class TcpEndpoint:
             self._framer_timer.cancel()
         if self._task is not None:
             self._task.cancel()
-        if self._handler is not None:
+        handler = self._handler
+        on_disconnect = self._hooks.on_disconnect
+        if handler is not None and on_disconnect is not NOTHING:
             try:
-                result = self._handler.on_disconnect(self)
+                if on_disconnect is None:
+                    result = handler.on_disconnect(self)
+                else:
+                    result = on_disconnect(handler, self)
             except Exception:
                 self._handler_failed("on_disconnect")
             else:
@@ -377,7 +389,7 @@ class TcpEndpoint:
         self._writes_paused = True
         self._paused_at = now = self._ctx.now
         self._pause_reading(_PAUSED_BY_WRITES)
-        timeout = self._ctx.config.send_timeout_s
+        timeout = self._ctx.send_timeout_s
         if timeout and now + timeout + TICK_S < self._check_at:
             self._schedule_check(now + timeout + TICK_S)
 
@@ -513,17 +525,17 @@ class TcpEndpoint:
     def _next_deadline(self) -> float:
         # Each deadline gets one tick of slack: the stamps come from a clock that may be
         # a tick old, and a timeout must never fire early.
-        config = self._ctx.config
+        limits = self._ctx
         deadline = math.inf
         if self._closing:
-            linger = config.send_timeout_s or _LINGER_S
+            linger = limits.send_timeout_s or _LINGER_S
             return self._closed_at + linger + TICK_S
-        if config.idle_timeout_s:
-            deadline = self._seen + config.idle_timeout_s + TICK_S
-        if self._message_running() and config.message_timeout_s:
-            deadline = min(deadline, self._message_started + config.message_timeout_s + TICK_S)
-        if self._writes_paused and config.send_timeout_s:
-            deadline = min(deadline, self._paused_at + config.send_timeout_s + TICK_S)
+        if limits.idle_timeout_s:
+            deadline = self._seen + limits.idle_timeout_s + TICK_S
+        if self._message_running() and limits.message_timeout_s:
+            deadline = min(deadline, self._message_started + limits.message_timeout_s + TICK_S)
+        if self._writes_paused and limits.send_timeout_s:
+            deadline = min(deadline, self._paused_at + limits.send_timeout_s + TICK_S)
         return deadline
 
     def _message_running(self) -> bool:
@@ -548,19 +560,19 @@ class TcpEndpoint:
         if self._next_deadline() > now:
             self._schedule_check()
             return
-        config = self._ctx.config
+        limits = self._ctx
         if self._closing:
             # Closed, but its last replies could not be delivered in time.
             self._reset()
-        elif self._writes_paused and self._paused_at + config.send_timeout_s + TICK_S <= now:
-            self.log.warning("send_timeout", send_timeout_s=config.send_timeout_s)
+        elif self._writes_paused and self._paused_at + limits.send_timeout_s + TICK_S <= now:
+            self.log.warning("send_timeout", send_timeout_s=limits.send_timeout_s)
             self._abort(CloseReason.SEND_TIMEOUT)
         elif (
             self._message_running()
-            and config.message_timeout_s
-            and (self._message_started + config.message_timeout_s + TICK_S <= now)
+            and limits.message_timeout_s
+            and (self._message_started + limits.message_timeout_s + TICK_S <= now)
         ):
-            self.log.warning("message_timeout", message_timeout_s=config.message_timeout_s)
+            self.log.warning("message_timeout", message_timeout_s=limits.message_timeout_s)
             self._reply_error(MESSAGE_TIMEOUT_REPLY)
             self._close(CloseReason.MESSAGE_TIMEOUT)
         else:
@@ -583,17 +595,27 @@ class TcpEndpoint:
         if self._framer.unparsed:
             self._pump()
 
-    def _dispatch(self, messages: Iterable[Message]) -> None:
+    def _dispatch(self, messages: list[Message]) -> None:
         """Handle ``messages``, which come before everything in ``_pending``."""
         if self._batch is None:
             self._batch = []
-        if self._waiting is None and not self._closing and (handler := self._handler):
+        handler = self._handler
+        if self._waiting is None and not self._closing and handler is not None:
             ctx = self._ctx
-            on_message = handler.on_message
-            encoding = ctx.encoding if handler.text else None
+            hooks = self._hooks
+            # The class's function, called with the handler; else the bound method.
+            function = hooks.on_message
+            on_message = handler.on_message if function is None else None
+            text = hooks.text if hooks.text >= 0 else handler.text
+            encoding = ctx.encoding if text else None
             batch = self._batch
-            rest = iter(messages)
-            for payload, self._terminator in rest:
+            # By index over the list: a compiled loop with no iterator object, and what
+            # is left on an early stop is a slice.
+            count = len(messages)
+            index = 0
+            while index < count:
+                payload, self._terminator = messages[index]
+                index += 1
                 if self._closing:
                     break
                 if payload is _OVERFLOW_PAYLOAD:
@@ -610,18 +632,21 @@ class TcpEndpoint:
                         self._refuse_undecodable()
                         continue
                 try:
-                    result = on_message(self, message)
+                    if on_message is None:
+                        result = function(handler, self, message)
+                    else:
+                        result = on_message(self, message)
                 except Exception:
                     self._handler_failed("on_message")
                     break
                 if result is not None:
                     self._await(result)
-                    self._requeue(rest)
+                    self._requeue(messages[index:])
                     break
                 if len(batch) >= _BATCH_FLUSH:
                     self._flush()
                     if self._writes_paused:
-                        self._requeue(rest)
+                        self._requeue(messages[index:])
                         break
         batch = self._batch
         self._batch = None
@@ -669,18 +694,17 @@ class TcpEndpoint:
         if self._pending is None:
             self._pending = collections.deque()
         self._pending.extend(messages)
-        if len(self._pending) >= self._ctx.config.max_pending_messages:
+        if len(self._pending) >= self._ctx.max_pending_messages:
             self._pause_reading(_PAUSED_BY_QUEUE)
 
-    def _requeue(self, rest: Iterable[Message]) -> None:
+    def _requeue(self, left: list[Message]) -> None:
         """Put the messages not yet handled back at the front of ``_pending``."""
-        left = list(rest)
         if not left:
             return
         if self._pending is None:
             self._pending = collections.deque()
         self._pending.extendleft(reversed(left))
-        if len(self._pending) >= self._ctx.config.max_pending_messages:
+        if len(self._pending) >= self._ctx.max_pending_messages:
             self._pause_reading(_PAUSED_BY_QUEUE)
 
     def _pump(self) -> None:
@@ -699,7 +723,7 @@ class TcpEndpoint:
                 break
             self._dispatch(chunk)
             pending = self._pending  # _dispatch may have made the queue
-        if not pending or len(pending) <= self._ctx.config.max_pending_messages // 2:
+        if not pending or len(pending) <= self._ctx.max_pending_messages // 2:
             self._resume_reading(_PAUSED_BY_QUEUE)
         if self._closing or self._waiting is not None or self._pending or framer.unparsed:
             return
