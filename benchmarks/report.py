@@ -34,7 +34,7 @@ def _baseline_name(name: str) -> str | None:
 def _ratio(summary: dict[str, Any], scenario: str, name: str, key: str) -> float | None:
     base = _baseline_name(name)
     rows = summary.get(scenario, {})
-    if base not in rows or key not in rows[name] or key not in rows[base]:
+    if base not in rows or name not in rows or key not in rows[name] or key not in rows[base]:
         return None
     return float(rows[name][key]["median"] / rows[base][key]["median"])
 
