@@ -38,7 +38,7 @@ from _common import (
     greet_line,
     parse_args,
 )
-from anyio.abc import SocketStream, UDPSocket
+from anyio.abc import SocketAttribute, SocketStream, UDPSocket
 from anyio.streams.buffered import BufferedByteStream
 
 #: What ends one connection and nothing else: the peer closed or broke it, or sent a
@@ -103,14 +103,14 @@ async def serve(options: Options) -> None:
     listener = await anyio.create_tcp_listener(
         local_host=options.host, local_port=options.port, backlog=BACKLOG
     )
-    tcp_port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    tcp_port = listener.extra(SocketAttribute.local_port)
     udp_port = -1
     async with listener, anyio.create_task_group() as group:
         if options.udp_port is not None:
             udp = await anyio.create_udp_socket(
                 local_host=options.host, local_port=options.udp_port
             )
-            udp_port = udp.extra(anyio.abc.SocketAttribute.local_port)
+            udp_port = udp.extra(SocketAttribute.local_port)
             group.start_soon(datagrams, udp, options.handler == "greeting")
         group.start_soon(listener.serve, HANDLERS[options.handler])
         announce(tcp_port, udp_port)
