@@ -17,6 +17,8 @@ raw figures as JSON (``--json``).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import json
 import os
 import statistics
@@ -28,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from exchanges import check  # the byte-for-byte check before a run, beside this file
 from report import write_report  # the Markdown and charts, beside this file
 
 from netframe.bench import BenchOptions, run_bench
@@ -75,7 +78,23 @@ SERVERS: dict[str, Argv] = {
     "streams-uvloop": _baseline("streams.py", "uvloop"),
     "streams-asyncio": _baseline("streams.py", "asyncio"),
     "threaded": _baseline("threaded.py", "asyncio"),
+    # The peers: what users would pick instead (the peers extra; see benchmarks/README.md).
+    "twisted-epoll": _baseline("peer_twisted.py", "epoll"),
+    "twisted-asyncio": _baseline("peer_twisted.py", "asyncio"),
+    "twisted-uvloop": _baseline("peer_twisted.py", "uvloop"),
+    "aiomisc-uvloop": _baseline("peer_aiomisc.py", "uvloop"),
+    "aiomisc-asyncio": _baseline("peer_aiomisc.py", "asyncio"),
+    "anyio-asyncio": _baseline("peer_anyio.py", "asyncio"),
+    "anyio-uvloop": _baseline("peer_anyio.py", "uvloop"),
 }
+#: The libraries a server needs beyond netframe's bench extra: one whose library is not
+#: installed is skipped, and said so in one line.
+NEEDS: dict[str, tuple[str, ...]] = {
+    name: tuple(lib for lib in ("twisted", "aiomisc", "anyio", "uvloop") if lib in name.split("-"))
+    for name in SERVERS
+}
+PEER_LIBRARIES = ("twisted", "aiomisc", "anyio")
+PEERS = tuple(name for name in SERVERS if name.partition("-")[0] in PEER_LIBRARIES)
 # (scenario, BenchOptions overrides, handler the server runs)
 SCENARIOS: dict[str, tuple[dict[str, Any], str]] = {
     "echo-1k": ({"scenario": "echo", "size": 1024, "conns": 50}, "echo"),
@@ -89,9 +108,45 @@ HOLD_SERVERS = (
     "netframe-uvloop", "netframe-uvloop-pure", "raw-uvloop",
     "netframe-asyncio", "netframe-asyncio-pure", "raw-asyncio",
 )  # fmt: skip
-#: Scenarios only some servers can serve: the baselines other than the raw Protocol
-#: server speak lines only.
-ONLY: dict[str, tuple[str, ...]] = {"hold": HOLD_SERVERS, "sessions-bare": HOLD_SERVERS}
+#: Scenarios only some servers are run in: the streams and threaded baselines speak lines
+#: only, and hold (10,000 connections) is kept to netframe, the raw reference and the peers.
+ONLY: dict[str, tuple[str, ...]] = {
+    "hold": HOLD_SERVERS + PEERS,
+    "sessions-bare": HOLD_SERVERS + PEERS,
+}
+
+
+class Rejected(Exception):
+    """The server's bytes differ from the exchange's: it gets no figure."""
+
+
+def missing_libraries(name: str) -> list[str]:
+    """The libraries ``name`` needs that this interpreter cannot import."""
+    return [lib for lib in NEEDS.get(name, ()) if importlib.util.find_spec(lib) is None]
+
+
+def unavailable(servers: list[str]) -> dict[str, list[str]]:
+    """The servers whose libraries are not installed, with those libraries; says in one
+    line which are skipped and how to install them."""
+    skipped = {name: libs for name in servers if (libs := missing_libraries(name))}
+    if skipped:
+        libraries = sorted({lib for libs in skipped.values() for lib in libs})
+        print(
+            f"skipping {', '.join(skipped)}: {', '.join(libraries)} not installed "
+            '(pip install -e ".[bench,peers]")'
+        )
+    return skipped
+
+
+def peer_versions() -> dict[str, str]:
+    """The installed version of each peer's library (those installed)."""
+    versions = {}
+    for lib in PEER_LIBRARIES:
+        try:
+            versions[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
 
 
 def cpu_split() -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
@@ -109,6 +164,9 @@ def measure(name: str, scenario: str, args: argparse.Namespace) -> dict[str, Any
     server_cpus, client_cpus = cpu_split()
     port = free_port()
     with spawned_server(SERVERS[name](handler, port), "127.0.0.1", port, server_cpus) as proc:
+        problem = check("udp" if scenario == "udp" else handler, "127.0.0.1", port)
+        if problem is not None:
+            raise Rejected(problem)
         options = BenchOptions(
             target=Address("127.0.0.1", port), server_pid=proc.pid,
             duration_s=args.duration if scenario != "hold" else args.hold_duration,
@@ -141,6 +199,10 @@ def loadgen_ceiling(args: argparse.Namespace) -> list[dict[str, Any]]:
         for pipeline in (1, 8):
             port = free_port()
             with spawned_server([*binary, str(port)], "127.0.0.1", port, server_cpus) as proc:
+                problem = check("echo", "127.0.0.1", port)
+                if problem is not None:
+                    print(f"  ! the C echo server is not measured: {problem}")
+                    return results
                 options = BenchOptions(
                     target=Address("127.0.0.1", port), server_pid=proc.pid, scenario="echo",
                     size=1024, conns=50, pipeline=pipeline, workers=1,
@@ -205,15 +267,26 @@ def main() -> int:
     ]
     if unknown:
         parser.error(f"unknown server or scenario: {', '.join(unknown)}")
+    skipped = unavailable(servers)
+    servers = [s for s in servers if s not in skipped]
 
     started = time.monotonic()
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    rejected: dict[str, dict[str, str]] = {}
     for round_no in range(1, args.rounds + 1):
         for scenario in scenarios:
             names = [s for s in servers if s in ONLY.get(scenario, servers)]
             for name in names:
+                if name in rejected.get(scenario, {}):
+                    continue  # wrong once is wrong: no figure in any round
                 print(f"round {round_no}/{args.rounds}  {scenario:<9} {name}", flush=True)
-                result = measure(name, scenario, args)
+                try:
+                    result = measure(name, scenario, args)
+                except Rejected as exc:
+                    print(f"  ! {name} {scenario}: wrong bytes, not measured: {exc}")
+                    rejected.setdefault(scenario, {})[name] = str(exc)
+                    runs.get(scenario, {}).pop(name, None)
+                    continue
                 runs.setdefault(scenario, {}).setdefault(name, []).append(result)
     print("load generator ceiling (C echo server)", flush=True)
     ceiling = loadgen_ceiling(args)
@@ -222,6 +295,9 @@ def main() -> int:
         "environment": environment(),
         "cpu_split": {"server": cpu_split()[0], "client": cpu_split()[1]},
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "json")},
+        "peers": peer_versions(),
+        "skipped": skipped,
+        "rejected": rejected,
         "elapsed_s": time.monotonic() - started,
         "summary": collect(runs),
         "loadgen_ceiling": [

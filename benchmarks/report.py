@@ -34,7 +34,7 @@ def _baseline_name(name: str) -> str | None:
 def _ratio(summary: dict[str, Any], scenario: str, name: str, key: str) -> float | None:
     base = _baseline_name(name)
     rows = summary.get(scenario, {})
-    if base not in rows or key not in rows[name] or key not in rows[base]:
+    if base not in rows or name not in rows or key not in rows[name] or key not in rows[base]:
         return None
     return float(rows[name][key]["median"] / rows[base][key]["median"])
 
@@ -114,7 +114,7 @@ def charts(summary: dict[str, Any], folder: Path) -> list[str]:
         for axis, scenario in zip(axes if len(scenarios) > 1 else [axes], scenarios, strict=True):
             names = [n for n in servers if key in summary[scenario].get(n, {})]
             values = [summary[scenario][n][key]["median"] for n in names]
-            axis.bar(range(len(names)), values, color=[f"C{servers.index(n)}" for n in names])
+            axis.bar(range(len(names)), values, color=[server_colour(servers, n) for n in names])
             axis.set_xticks(range(len(names)))
             axis.set_xticklabels(names, rotation=60, ha="right", fontsize="small")
             axis.set_title(scenario)
@@ -124,6 +124,57 @@ def charts(summary: dict[str, Any], folder: Path) -> list[str]:
         plt.close(figure)
         written.append(name)
     return written
+
+
+def server_colour(servers: list[str], name: str) -> tuple[float, ...]:
+    """A colour of its own for each server (tab20: the suite has more than ten)."""
+    import matplotlib
+
+    return tuple(matplotlib.colormaps["tab20"](servers.index(name) % 20))
+
+
+#: How each peer library's servers are written (benchmarks/README.md has the details).
+PEER_NOTES = {
+    "twisted": "Twisted {v}: a `Protocol` and `Factory`, lines by `LineReceiver`; "
+    "`twisted-epoll` on its default reactor, `twisted-asyncio` and `twisted-uvloop` on "
+    "its asyncio reactor over that loop",
+    "aiomisc": "aiomisc {v}: its `TCPServer` and `UDPServer` services under "
+    "`aiomisc.entrypoint`, asyncio streams with a task per connection (and per datagram); "
+    "`aiomisc-uvloop` is its default loop",
+    "anyio": "AnyIO {v}: `create_tcp_listener` and `serve`, a task per connection, lines by "
+    "`BufferedByteStream.receive_until`, UDP by `create_udp_socket`; `anyio-asyncio` is "
+    "its default backend, `anyio-uvloop` the same with `use_uvloop`",
+}
+
+
+def peer_notes(document: dict[str, Any]) -> list[str]:
+    """What the peers are, which were skipped, and which servers failed the byte check."""
+    versions = document.get("peers")
+    if versions is None:
+        return []  # a run from before the peers
+    described = [
+        note.format(v=versions[lib]) for lib, note in PEER_NOTES.items() if lib in versions
+    ]
+    lines = [
+        "The peers are what users would pick instead of netframe, each written the way its "
+        "library's documentation writes servers (see "
+        "[benchmarks/README.md](../benchmarks/README.md)): "
+        + ("; ".join(described) or "none installed")
+        + ". Every server, peers and baselines alike, was taken through a byte-for-byte "
+        "exchange of each protocol it is measured in before every run "
+        "(`benchmarks/exchanges.py`); a server that fails it gets no figure. No peer logs "
+        "per connection.",
+        "",
+    ]
+    if document.get("skipped"):
+        lines += [f"Not run, their library not installed: {', '.join(document['skipped'])}.", ""]
+    for scenario, by_server in document.get("rejected", {}).items():
+        for name, problem in by_server.items():
+            lines += [
+                f"**{name}** failed the check in {scenario} and has no figure: `{problem}`",
+                "",
+            ]
+    return lines
 
 
 def write_report(document: dict[str, Any], out: Path) -> None:
@@ -156,6 +207,7 @@ def write_report(document: dict[str, Any], out: Path) -> None:
         "the operations completed, the figure that holds when client and server share a "
         "small machine.",
         "",
+        *peer_notes(document),
         "Every raw figure of this run is in [benchmarks/compare.json](benchmarks/compare.json). "
         "How much to trust a ratio: the streams baselines answer UDP with the very same "
         "`DatagramProtocol` as the raw ones, so their udp rows show this machine's "

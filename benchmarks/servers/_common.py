@@ -24,7 +24,9 @@ __all__ = [
     "UdpServer",
     "announce",
     "greet_datagram",
+    "greet_line",
     "greet_lines",
+    "loop_factory",
     "parse_args",
     "run_asyncio",
 ]
@@ -39,9 +41,10 @@ LF = b"\n"
 CRLF = b"\r\n"
 
 #: ``bare-greeting`` is the tutorial's exchange as its own clients speak it: ``Welcome!``
-#: with no newline, and each read one bare name (only ``raw_protocol.py`` serves it).
+#: with no newline, and each read one bare name (``raw_protocol.py`` and the peers serve it).
 Handler = Literal["greeting", "bare-greeting", "echo"]
-LoopName = Literal["asyncio", "uvloop"]
+#: ``epoll`` is Twisted's own reactor (its default on Linux); the rest are asyncio loops.
+LoopName = Literal["asyncio", "uvloop", "epoll"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,14 +56,19 @@ class Options:
     udp_port: int | None
 
 
-def parse_args(doc: str | None, handlers: tuple[Handler, ...] = ("greeting", "echo")) -> Options:
-    """Parse the shared command line; ``doc`` is the script's docstring (first line shown)
-    and ``handlers`` the protocols the script serves."""
+def parse_args(
+    doc: str | None,
+    handlers: tuple[Handler, ...] = ("greeting", "echo"),
+    loops: tuple[LoopName, ...] = ("asyncio", "uvloop"),
+) -> Options:
+    """Parse the shared command line; ``doc`` is the script's docstring (first line shown),
+    ``handlers`` the protocols the script serves and ``loops`` the loops it runs on (the
+    first is the default)."""
     parser = argparse.ArgumentParser(description=(doc or "").partition("\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="TCP port, 0 picks a free one")
     parser.add_argument("--handler", choices=handlers, default="greeting")
-    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    parser.add_argument("--loop", choices=loops, default=loops[0])
     parser.add_argument("--udp-port", type=int, default=None, help="also serve UDP here")
     args = parser.parse_args()
     return Options(args.host, args.port, args.handler, args.loop, args.udp_port)
@@ -91,6 +99,12 @@ def greet_lines(data: bytes) -> tuple[bytes, bytes, bool]:
     return b"".join(replies), rest, False
 
 
+def greet_line(line: bytes) -> bytes | None:
+    """One line without its ``\\n`` -> its reply, ending as the line did (``\\r\\n`` or
+    ``\\n``); ``exit`` -> None. For servers whose library splits the lines."""
+    return _hello(line[:-1], CRLF) if line.endswith(b"\r") else _hello(line, LF)
+
+
 def greet_datagram(data: bytes) -> bytes | None:
     """``X``, ``X\\n`` or ``X\\r\\n`` -> ``Hello, X!`` with the same ending; ``exit`` -> None."""
     if data.endswith(CRLF):
@@ -116,7 +130,8 @@ class UdpServer(asyncio.DatagramProtocol):
             self.transport.sendto(reply, addr)
 
 
-def _loop_factory(name: LoopName) -> Callable[[], asyncio.AbstractEventLoop]:
+def loop_factory(name: LoopName) -> Callable[[], asyncio.AbstractEventLoop]:
+    """A new loop of the kind named: uvloop's, or the standard asyncio one."""
     if name == "uvloop":
         import uvloop
 
@@ -160,5 +175,5 @@ def run_asyncio(options: Options, start_tcp: Callable[[], Awaitable[asyncio.Serv
             await asyncio.wait(tasks, timeout=1)
         await asyncio.sleep(0)  # let the closed transports call connection_lost
 
-    with asyncio.Runner(loop_factory=_loop_factory(options.loop)) as runner:
+    with asyncio.Runner(loop_factory=loop_factory(options.loop)) as runner:
         runner.run(main())
