@@ -11,8 +11,11 @@ real clients over loopback. Everything the server process executes in user space
 counted, the event loop and the transport included; the kernel's side is not. Each
 server runs twice, for two different amounts of work, and the difference divided by the
 difference in work is the cost of one more session (or message), start-up and shutdown
-excluded. Wall-clock figures on a shared machine wander by several percent; these do
-not, so a change of a few percent can be judged here before it is timed.
+excluded, and what each server does per second while idle (measured the same way) taken
+out, since valgrind stretches every run's seconds. Wall-clock figures on a shared machine
+wander by several percent; these wander less (a few percent between runs: how many events
+the loop finds per wake-up still depends on timing), so a change of several percent can
+be judged here before it is timed.
 
 Cases:
 
@@ -112,8 +115,9 @@ def echo(port: int, count: int) -> None:
                 raise RuntimeError("echo differs")
 
 
-def count(side: str, case: str, loop: str, work: int) -> int:
-    """Instructions the server process executes to start, serve ``work``, and stop."""
+def count(side: str, case: str, loop: str, work: int, idle_s: float = 0.0) -> tuple[int, float]:
+    """Instructions the server process executes to start, serve ``work`` (or sit idle
+    for ``idle_s``), and stop; and the seconds it was serving."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
@@ -122,11 +126,15 @@ def count(side: str, case: str, loop: str, work: int) -> int:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             wait_listening(port, proc)
-            if case == "echo":
+            started = time.monotonic()
+            if idle_s:
+                time.sleep(idle_s)
+            elif case == "echo":
                 echo(port, work)
             else:
                 for _ in range(work):
                     session(port, b"" if case == "bare" else b"\n")
+            serving_s = time.monotonic() - started
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=TIMEOUT_S)
         finally:
@@ -136,7 +144,17 @@ def count(side: str, case: str, loop: str, work: int) -> int:
         match = re.search(rb"Collected : (\d+)", err)
         if match is None:
             raise RuntimeError(f"no count from valgrind: {err[-300:]!r}")
-        return int(match.group(1))
+        return int(match.group(1)), serving_s
+
+
+def per_second(side: str, loop: str) -> float:
+    """What the server executes per second while idle: netframe's coarse clock ticks
+    ten times a second, whatever the load. Under valgrind a run lasts some 50 times
+    longer than it would, so that cost is taken out of the per-session figure (it is a
+    few microseconds a second on a real server, nothing per session)."""
+    short, short_s = count(side, "bare", loop, 0, idle_s=2.0)
+    long, long_s = count(side, "bare", loop, 0, idle_s=10.0)
+    return max(0.0, (long - short) / (long_s - short_s))
 
 
 def main() -> int:
@@ -152,12 +170,16 @@ def main() -> int:
     unit = "message" if args.cases == ["echo"] else "session or message"
     print(f"{'case':<16} {'netframe':>12} {'raw':>12} {'ratio':>7}"
           f"   (instructions per {unit}, {args.loop})")  # fmt: skip
+    idle = {side: per_second(side, args.loop) for side in ("netframe", "raw")}
+    print(f"idle, per second: netframe {idle['netframe']:,.0f}, raw {idle['raw']:,.0f}"
+          " (taken out of each figure below)")  # fmt: skip
     for case in args.cases:
         per = {}
         for side in ("netframe", "raw"):
-            low = count(side, case, args.loop, LOW[case])
-            high = count(side, case, args.loop, HIGH[case])
-            per[side] = (high - low) / (HIGH[case] - LOW[case])
+            low, low_s = count(side, case, args.loop, LOW[case])
+            high, high_s = count(side, case, args.loop, HIGH[case])
+            ticking = idle[side] * (high_s - low_s)
+            per[side] = (high - low - ticking) / (HIGH[case] - LOW[case])
         print(f"{case:<16} {per['netframe']:>12,.0f} {per['raw']:>12,.0f} "
               f"{per['netframe'] / per['raw']:>6.2f}x")  # fmt: skip
     return 0
