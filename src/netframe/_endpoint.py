@@ -166,6 +166,9 @@ class EndpointContext:
         self.now = 0.0
         # The read buffer every BufferedTcpEndpoint of the server reads into, in turn.
         self.read_buffer = memoryview(bytearray(READ_BUFFER_BYTES))
+        # Bytes the loop's transport reads per recv() for a plain Protocol, when the
+        # server sets it (the standard loop, see Server._serve_stream); 0: the loop's own.
+        self.read_size = 0
         # Connections opened since the last tick: their first deadline check enters the
         # wheel at the tick, so a connection that closes before it never touches the wheel.
         self.arrivals: list[TcpEndpoint] = []

@@ -242,6 +242,9 @@ class TcpEndpoint:
                 return
             ctx.per_ip[ip] = ctx.per_ip.get(ip, 0) + 1
         self._registered = True
+        if ctx.read_size:  # the standard loop's read size, per transport
+            transport_any: Any = transport
+            transport_any.max_size = ctx.read_size
         transport.set_write_buffer_limits(ctx.write_buffer_high_bytes, ctx.write_buffer_low_bytes)
         ctx.connections.add(self)
         if ctx.idle_timeout_s:
