@@ -320,8 +320,13 @@ def main() -> int:
 
 
 def _slim(result: dict[str, Any]) -> dict[str, Any]:
-    """A run without its per-100 ms timeline, to keep the JSON readable."""
-    return {k: v for k, v in result.items() if k not in ("timeline_ops_per_s", "environment")}
+    """A run without its per-100 ms timelines and its latency histogram (a few KiB of
+    base64 each), to keep the JSON readable."""
+    return {
+        k: v
+        for k, v in result.items()
+        if not k.startswith("timeline_") and k not in ("environment", "latency_histogram")
+    }
 
 
 if __name__ == "__main__":

@@ -92,8 +92,47 @@ def targets(document: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _compact(value: float, key: str) -> str:
+    """A bar's label: ops/s in thousands, CPU in us to two decimals, latency in us or ms."""
+    if key == "ops_per_s":
+        return f"{value / 1000:,.1f}k" if value >= 1000 else f"{value:,.0f}"
+    if key == "cpu_us_per_op":
+        return f"{value:.2f}"
+    return f"{value / 1000:.2f} ms" if value >= 1000 else f"{value:,.0f} us"
+
+
+def _note(row: dict[str, Any], scenario: str) -> tuple[str, bool]:
+    """What a server's rounds say beside its bar (errors, UDP datagrams lost), and whether
+    anything went wrong."""
+    notes = []
+    if row.get("errors"):
+        notes.append(f"{row['errors']:,} errors")
+    loss = row.get("loss_ratio")
+    if scenario == "udp" and loss:
+        lost = loss["max"] > 0
+        notes.append(
+            f"{loss['median']:.2%} lost (up to {loss['max']:.2%})" if lost else "none lost"
+        )
+    return ", ".join(notes), bool(row.get("errors")) or (
+        scenario == "udp" and bool(loss) and loss["max"] > 0
+    )
+
+
+# (file, title, [(summary key, bar label)], log scale); errors and losses are named in
+# the linear charts (the latency one has two bars a server).
+CHARTS = [
+    ("cpu_per_op.png", "server CPU per operation (us, lower is better)",
+     [("cpu_us_per_op", None)], False),
+    ("throughput.png", "throughput (ops/s, higher is better)", [("ops_per_s", None)], False),
+    ("latency.png", "latency (log scale, lower is better)",
+     [("latency_p50_us", "p50"), ("latency_p99_us", "p99")], True),
+]  # fmt: skip
+
+
 def charts(summary: dict[str, Any], folder: Path) -> list[str]:
-    """Server CPU per operation and throughput, grouped by scenario; returns file names."""
+    """One chart per figure, a panel per scenario: horizontal bars of the median over the
+    rounds, whiskers from the lowest to the highest round, the value at each bar, and in
+    red what went wrong (errors, UDP datagrams lost). Returns the files' names."""
     try:
         import matplotlib
 
@@ -105,20 +144,15 @@ def charts(summary: dict[str, Any], folder: Path) -> list[str]:
     scenarios = [s for s in summary if s != "hold"]
     servers = list(dict.fromkeys(n for s in scenarios for n in summary[s]))
     written = []
-    for key, title, name in [
-        ("cpu_us_per_op", "server CPU per operation (us, lower is better)", "cpu_per_op.png"),
-        ("ops_per_s", "throughput (ops/s, higher is better)", "throughput.png"),
-    ]:
+    for name, title, series, log in CHARTS:
         # One panel per scenario: sessions cost several times a round trip.
-        figure, axes = plt.subplots(1, len(scenarios), figsize=(3.2 * len(scenarios), 4))
+        figure, axes = plt.subplots(
+            1, len(scenarios), sharey=True,
+            figsize=(3.6 * len(scenarios), 1.2 + 0.42 * len(servers) * len(series)),
+        )  # fmt: skip
         for axis, scenario in zip(axes if len(scenarios) > 1 else [axes], scenarios, strict=True):
-            names = [n for n in servers if key in summary[scenario].get(n, {})]
-            values = [summary[scenario][n][key]["median"] for n in names]
-            axis.bar(range(len(names)), values, color=[server_colour(servers, n) for n in names])
-            axis.set_xticks(range(len(names)))
-            axis.set_xticklabels(names, rotation=60, ha="right", fontsize="small")
-            axis.set_title(scenario)
-        figure.suptitle(title)
+            _panel(axis, summary[scenario], scenario, servers, series, log)
+        figure.suptitle(f"{title}; whiskers: lowest to highest round")
         figure.tight_layout()
         figure.savefig(folder / name, dpi=90)
         plt.close(figure)
@@ -177,6 +211,55 @@ def peer_notes(document: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _panel(
+    axis: Any,
+    rows: dict[str, Any],
+    scenario: str,
+    servers: list[str],
+    series: list[tuple[str, str | None]],
+    log: bool,
+) -> None:
+    height = 0.8 / len(series)
+    for shift, (key, label) in enumerate(series):
+        names = [n for n in servers if key in rows.get(n, {})]
+        figures = [rows[n][key] for n in names]
+        centres = [servers.index(n) + (shift - (len(series) - 1) / 2) * height for n in names]
+        medians = [f["median"] for f in figures]
+        whiskers = [[f["median"] - f["min"] for f in figures],
+                    [f["max"] - f["median"] for f in figures]]  # fmt: skip
+        colours = [server_colour(servers, n) for n in names]
+        bars = axis.barh(centres, medians, height=height * 0.9, xerr=whiskers, capsize=2,
+                         color=colours, alpha=1.0 if shift == 0 else 0.55,
+                         error_kw={"elinewidth": 0.8})  # fmt: skip
+        for bar, name, figure in zip(bars, names, figures, strict=True):
+            text = " ".join(t for t in (label, _compact(figure["median"], key)) if t)
+            note, wrong = _note(rows[name], scenario) if not log else ("", False)
+            # Past the whisker, so that it never hides the label.
+            axis.annotate(f"{text}  {note}" if note else text,
+                          (figure["max"], bar.get_y() + bar.get_height() / 2),
+                          xytext=(3, 0), textcoords="offset points", va="center",
+                          fontsize="x-small", color="C3" if wrong else "0.15")  # fmt: skip
+    if log:
+        # Bars from a round power of ten; room on the right for the labels.
+        lowest = min(rows[n][k]["min"] for n in rows for k, _ in series if k in rows[n])
+        highest = max(rows[n][k]["max"] for n in rows for k, _ in series if k in rows[n])
+        axis.set_xscale("log")
+        axis.set_xlim(10 ** math.floor(math.log10(lowest)), highest * 4)
+        axis.xaxis.set_major_formatter(lambda value, _: _compact(value, "latency"))
+        axis.xaxis.set_minor_formatter(
+            lambda value, _: _compact(value, "latency") if f"{value:e}"[0] in "25" else ""
+        )
+        axis.tick_params(axis="x", which="minor", labelsize="x-small")
+    else:
+        axis.xaxis.set_major_formatter(lambda value, _: _compact(value, "ops_per_s")
+                                       if value >= 1000 else f"{value:g}")  # fmt: skip
+    axis.set_yticks(range(len(servers)), servers, fontsize="small")
+    axis.invert_yaxis()
+    axis.set_title(scenario)
+    if not log:
+        axis.margins(x=0.35)
+
+
 def write_report(document: dict[str, Any], out: Path) -> None:
     """Write the Markdown report and its charts (into a folder named after it)."""
     env = document["environment"]
@@ -219,6 +302,13 @@ def write_report(document: dict[str, Any], out: Path) -> None:
         *targets(document),
         "",
     ]
+    if images:
+        lines += [
+            "Bars are the median over the rounds, whiskers the lowest and the highest round; "
+            "errors and lost UDP datagrams, when there were any, are named in red beside "
+            "their bar.",
+            "",
+        ]
     for name in images:
         lines += [f"![{name}]({image_dir.name}/{name})", ""]
     for scenario in summary:

@@ -33,6 +33,7 @@ import uvloop
 
 import netframe
 from netframe import Server
+from netframe.config import Address
 from netframe.logs import configure_logging
 
 LOOPS: Mapping[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -155,6 +156,40 @@ def cli_server(loop_name: str) -> Iterator[Callable[..., CliServer]]:
     yield start
     for server in servers:
         server.kill()
+
+
+@contextlib.contextmanager
+def udp_responder(reply: Callable[[int, bytes], bytes | None]) -> Iterator[Address]:
+    """A blocking UDP server in a thread: the n-th datagram (from 1) gets ``reply(n, data)``,
+    or nothing when that is None."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.05)
+    stop = threading.Event()
+
+    def serve() -> None:
+        count = 0
+        while not stop.is_set():
+            try:
+                data, peer = sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            count += 1
+            answer = reply(count, data)
+            if answer is not None:
+                with contextlib.suppress(OSError):  # the client may be gone already
+                    sock.sendto(answer, peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield Address("127.0.0.1", sock.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join(10)
+        sock.close()
 
 
 def run_netframe(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:

@@ -1,7 +1,7 @@
-"""Showing results: a live progress bar, a summary table, JSON and a chart.
+"""Showing results: a live progress bar, a summary table, JSON and the ``.hgrm`` file.
 
-rich and matplotlib come with ``pip install 'netframe[bench]'``; without them the bench
-still runs and prints a plain summary, and ``--plot`` says what to install.
+rich comes with ``pip install 'netframe[bench]'``; without it the bench still runs and
+prints a plain summary. The chart (``--plot``) is drawn by ``_plot``.
 """
 
 from __future__ import annotations
@@ -12,19 +12,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from netframe.bench._hgrm import percentile_distribution
+from netframe.bench._histogram import Histogram
 from netframe.bench._options import Progress
 
-__all__ = ["MissingExtra", "live_progress", "plot", "summary_rows", "write_json"]
-
-
-class MissingExtra(RuntimeError):
-    """An optional library is not installed; the message says how to get it."""
+__all__ = ["live_progress", "print_summary", "summary_rows", "write_hdr", "write_json"]
 
 
 def summary_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     """The figures a person reads first, as (label, value) pairs."""
     rows = [("scenario", result["scenario"]), ("target", result["options"]["target"])]
     window_s = result.get("window_s") or result["options"]["duration_s"]
+    merged = result.get("merged")
+    if merged:
+        rows.append(("merged", f"{len(merged['runs'])} runs, windows overlapping "
+                               f"{merged['overlap']:.0%} of {window_s:.1f} s"))  # fmt: skip
+        if "warning" in merged:
+            rows.append(("warning", merged["warning"]))
     if result.get("partial"):
         planned = result["options"]["duration_s"]
         rows.append(("partial", f"interrupted: {window_s:.1f} s of the {planned:g} s window"))
@@ -129,25 +133,7 @@ def write_json(result: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
-    """Throughput over time and the latency percentiles, in one PNG."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MissingExtra("--plot needs matplotlib: pip install 'netframe[bench]'") from None
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    timeline = result["timeline_ops_per_s"]
-    left.plot([i / 10 for i in range(len(timeline))], timeline)
-    left.set(title="throughput", xlabel="seconds into the window", ylabel="ops/s")
-    left.set_ylim(bottom=0)
-    latency = result.get("latency_us") or {}
-    labels = [k for k in ("p50", "p90", "p99", "p99.9", "max") if k in latency]
-    right.bar(labels, [latency[k] for k in labels])
-    right.set(title="latency", ylabel="microseconds")
-    figure.suptitle(f"netframe bench: {result['scenario']} against {result['options']['target']}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+def write_hdr(result: dict[str, Any], path: Path) -> None:
+    """The latency distribution as an ``.hgrm`` file, values in milliseconds."""
+    histogram = Histogram.from_json(result["latency_histogram"])
+    path.write_text(percentile_distribution(histogram))

@@ -20,10 +20,11 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
-import numpy as np
 import psutil
 
 from netframe._version import __version__
+from netframe.bench._figures import COUNTERS, TIMELINES, figures
+from netframe.bench._histogram import Histogram
 from netframe.bench._options import BenchError, BenchOptions, Progress
 from netframe.bench._worker import STOP_SIGNAL, Job, raise_open_file_limit, worker_main
 from netframe.config import Address
@@ -39,7 +40,6 @@ _SCENARIO_SERVER = {
     "udp": "greeting",
     "hold": "greeting",
 }
-PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 _READY_TIMEOUT_S = 60.0
 _SETTLE_S = 1.0
 
@@ -291,6 +291,8 @@ def _measure(
         for pipe in pipes:
             pipe.send(start_ns)
         window_start = start_ns + int(options.warmup_s * 1e9)
+        # Where the window lies on the wall clock, for merging runs of several machines.
+        window_start_unix_s = (time.time_ns() - time.monotonic_ns() + window_start) / 1e9
         window_end = window_start + int(options.duration_s * 1e9)
         cpu_start = cpu_end = None
         connections: dict[int, int] = {}
@@ -327,22 +329,23 @@ def _measure(
     window_s = min(r["window_ns"] for r in results) / 1e9 if interrupted else options.duration_s
     if window_s <= 0:
         raise KeyboardInterrupt  # interrupted before the measured window began
-    figures = _combine(options, results, window_s)
+    result = _combine(options, results, window_s)
+    result["window_s"] = window_s
+    result["window_start_unix_s"] = window_start_unix_s
     if interrupted:
-        figures["partial"] = True
-        figures["window_s"] = window_s
-    figures["server"] = {
+        result["partial"] = True
+    result["server"] = {
         "pid": pid,
         "cpu_s": None if server is None else cpu_end[_TOTAL] - cpu_start[_TOTAL],
         "rss_idle_bytes": rss_idle,
         "rss_loaded_bytes": rss_loaded,
         "rss_end_bytes": rss_end,
     }
-    ops = figures["ops"]
+    ops = result["ops"]
     if server is not None and ops:
-        figures["server"]["cpu_us_per_op"] = (cpu_end[_TOTAL] - cpu_start[_TOTAL]) / ops * 1e6
+        result["server"]["cpu_us_per_op"] = (cpu_end[_TOTAL] - cpu_start[_TOTAL]) / ops * 1e6
     if len(cpu_end) > 2:  # a supervisor and its workers (netframe serve --workers N)
-        figures["server"]["processes"] = [
+        result["server"]["processes"] = [
             {"pid": each, "cpu_s": cpu_end[each] - cpu_start.get(each, 0.0),
              "connections": connections.get(each)}
             for each in cpu_end if each != _TOTAL
@@ -350,8 +353,9 @@ def _measure(
     if options.scenario == "hold":
         held = sum(r["held"] for r in results)
         # Held connections do nothing: there is no throughput or latency to report.
-        figures.update(ops=None, ops_per_s=None, latency_us=None, timeline_ops_per_s=None)
-        figures["hold"] = hold = {"requested": options.conns, "held": held}
+        result.update(ops=None, ops_per_s=None, latency_us=None, latency_histogram=None,
+                      timeline_ops_per_s=None)  # fmt: skip
+        result["hold"] = hold = {"requested": options.conns, "held": held}
         if server is not None and held and rss_idle is not None and rss_end is not None:
             peak = max(rss_loaded or 0, rss_end)
             hold["bytes_per_conn"] = (peak - rss_idle) / held
@@ -362,10 +366,10 @@ def _measure(
                 )
         elif server is None:
             hold["warning"] = "no memory figure without the server's pid (--server-pid)"
-    figures["connections_ready"] = sum(ready)
-    figures["options"] = _options_dict(options, target, len(jobs))
-    figures["environment"] = environment()
-    return figures
+    result["connections_ready"] = sum(ready)
+    result["options"] = _options_dict(options, target, len(jobs))
+    result["environment"] = environment()
+    return result
 
 
 def _receive(pipe: Any, kind: str, timeout_s: float) -> Any:
@@ -448,39 +452,19 @@ def _combine(
     options: BenchOptions, results: list[dict[str, Any]], duration: float
 ) -> dict[str, Any]:
     """The workers' tallies as one result; rates over ``duration``, the window's seconds."""
-    ops = sum(r["ops"] for r in results)
-    latencies = (
-        np.concatenate([np.frombuffer(r["latencies_ns"], dtype=np.int64) for r in results]) / 1000.0
+    counts = {name: sum(r[name] for r in results) for name in COUNTERS if name != "client_cpu_s"}
+    counts["client_cpu_s"] = sum(r["cpu_s"] for r in results)
+    timelines = {name: [sum(steps) for steps in zip(*(r[name] for r in results), strict=True)]
+                 for name in TIMELINES}  # fmt: skip
+    return figures(
+        options.scenario,
+        options.size,
+        counts,
+        next((r["first_error"] for r in results if r["first_error"]), None),
+        Histogram.merged(r["histogram"] for r in results),
+        duration,
+        timelines,
     )
-    timeline = np.sum([r["timeline"] for r in results], axis=0) * 10  # 100 ms buckets -> /s
-    lost = sum(r["lost"] for r in results)
-    figures: dict[str, Any] = {
-        "scenario": options.scenario,
-        "ops": ops,
-        "ops_per_s": ops / duration,
-        "errors": sum(r["errors"] for r in results),
-        "first_error": next((r["first_error"] for r in results if r["first_error"]), None),
-        "connect_errors": sum(r["connect_errors"] for r in results),
-        "bytes_in": sum(r["bytes_in"] for r in results),
-        "bytes_out": sum(r["bytes_out"] for r in results),
-        "client_cpu_s": sum(r["cpu_s"] for r in results),
-        "timeline_ops_per_s": timeline.tolist(),
-    }
-    figures["client_cpu_pct"] = figures["client_cpu_s"] / duration * 100
-    if options.scenario == "echo":
-        figures["mib_per_s"] = ops * options.size / duration / 2**20
-    if options.scenario == "udp":
-        figures["lost"] = lost
-        figures["loss_ratio"] = lost / (ops + lost) if ops + lost else 0.0
-    if latencies.size:
-        values = np.percentile(latencies, PERCENTILES)
-        figures["latency_us"] = {
-            f"p{p:g}": float(v) for p, v in zip(PERCENTILES, values, strict=True)
-        }
-        figures["latency_us"]["max"] = float(latencies.max())
-        figures["latency_us"]["mean"] = float(latencies.mean())
-        figures["latency_samples"] = int(latencies.size)
-    return figures
 
 
 def _options_dict(options: BenchOptions, target: Address | str, workers: int) -> dict[str, Any]:

@@ -123,9 +123,8 @@ async def _run(job: Job, pipe: Pipe, progress: Any) -> dict[str, Any]:
         ]
     pipe.send(("ready", len(protocols)))
     start_ns = await loop.run_in_executor(None, pipe.recv)
-    tally.start_ns = start_ns + int(job.warmup_s * 1e9)
-    tally.end_ns = tally.start_ns + int(job.duration_s * 1e9)
-    tally.timeline = Tally(tally.start_ns, tally.end_ns).timeline
+    window_start_ns = start_ns + int(job.warmup_s * 1e9)
+    tally.set_window(window_start_ns, window_start_ns + int(job.duration_s * 1e9))
     stop = asyncio.Event()
 
     def stop_early() -> None:  # the parent was interrupted: end the window now
@@ -165,8 +164,10 @@ async def _run(job: Job, pipe: Pipe, progress: Any) -> dict[str, Any]:
         "lost": tally.lost,
         "bytes_in": tally.bytes_in,
         "bytes_out": tally.bytes_out,
-        "latencies_ns": tally.latencies_ns.tobytes(),
+        "histogram": tally.record_pending(),
         "timeline": tally.timeline,
+        "error_timeline": tally.error_timeline,
+        "lost_timeline": tally.lost_timeline,
         "cpu_s": cpu_s,
         "held": held,
         "window_ns": tally.end_ns - tally.start_ns,

@@ -1,4 +1,5 @@
-"""``python -m netframe bench``: argument parsing that maps onto :class:`BenchOptions`."""
+"""``python -m netframe bench``: argument parsing that maps onto :class:`BenchOptions`,
+and ``bench merge``, which combines the ``--json`` files of several runs."""
 
 from __future__ import annotations
 
@@ -29,14 +30,17 @@ def _cpus(text: str) -> tuple[int, ...]:
 
 
 def add_bench_parser(commands: Any, address: Any, positive_int: Any, positive_float: Any) -> None:
-    """Add the ``bench`` subcommand to the main parser's ``commands``."""
+    """Add the ``bench`` subcommand (and its ``merge``) to the main parser's ``commands``."""
     bench = commands.add_parser(
         "bench",
         help="load-test a server",
         description="Load-test a server at --target, or one it starts itself with --spawn "
-        "(--spawn-args gives that server's extra `serve` flags as one string).",
+        "(--spawn-args gives that server's extra `serve` flags as one string). "
+        "`bench merge A.json B.json ...` combines the --json files of runs made at the "
+        "same time from several load machines.",
     )
-    where = bench.add_mutually_exclusive_group(required=True)
+    # Either --target or --spawn is required, but not by `bench merge`: checked in _bench.
+    where = bench.add_mutually_exclusive_group()
     where.add_argument(
         "--target",
         type=address,
@@ -135,19 +139,50 @@ def add_bench_parser(commands: Any, address: Any, positive_int: Any, positive_fl
         type=_cpus,
         help="pin a spawned server to these CPUs (default: not pinned)",
     )
-    bench.add_argument(
-        "--json", type=Path, dest="json_path", help="write every figure here (default: none)"
-    )
-    bench.add_argument(
-        "--plot", type=Path, dest="plot_path", help="draw the results as a PNG (default: none)"
-    )
+    _add_outputs(bench)
     bench.add_argument(
         "--no-progress", action="store_true", help="no live progress bar (default: off)"
     )
-    bench.set_defaults(func=_bench)
+    bench.set_defaults(func=_bench, parser=bench)
+    actions = bench.add_subparsers(title="subcommands", dest="action", parser_class=type(bench))
+    merge = actions.add_parser(
+        "merge",
+        help="combine runs of several load machines",
+        description="Combine the --json files of runs made at the same time against one "
+        "server (from several load machines): counts add up, latency histograms merge "
+        "(percentiles are never averaged), and the throughput is all operations over the "
+        "span of the runs' windows.",
+    )
+    merge.add_argument("runs", nargs="+", type=Path, metavar="RUN.json",
+                       help="the --json files of the runs")  # fmt: skip
+    _add_outputs(merge)
+    merge.set_defaults(func=_merge)
+
+
+def _add_outputs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json", type=Path, dest="json_path", help="write every figure here (default: none)"
+    )
+    parser.add_argument(
+        "--hdr",
+        type=Path,
+        dest="hdr_path",
+        help="write the latency distribution here in HdrHistogram's .hgrm text (wrk2's "
+        "form), values in milliseconds (default: none)",
+    )
+    parser.add_argument(
+        "--plot", type=Path, dest="plot_path", help="draw the results as a PNG (default: none)"
+    )
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"netframe: error: {message}", file=sys.stderr)
+    return status
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.target is None and not args.spawn:
+        args.parser.error("one of the arguments --target --spawn is required")
     options = BenchOptions(
         scenario=args.scenario,
         target=args.target,
@@ -169,43 +204,61 @@ def _bench(args: argparse.Namespace) -> int:
         options.check()
         if args.plot_path and options.scenario == "hold":
             raise BenchError("--plot draws throughput and latency, which hold does not measure")
+        if args.hdr_path and options.scenario == "hold":
+            raise BenchError("--hdr writes a latency distribution, which hold does not measure")
     except BenchError as exc:
-        print(f"netframe: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), 2)
     try:
-        from netframe.bench._report import (
-            MissingExtra,
-            live_progress,
-            plot,
-            print_summary,
-            write_json,
-        )
+        from netframe.bench._report import live_progress
         from netframe.bench._run import run_bench
     except ImportError as exc:
-        print(f"netframe: error: bench needs {exc.name}: pip install 'netframe[bench]'",
-              file=sys.stderr)  # fmt: skip
-        return 2
+        return _fail(f"bench needs {exc.name}: pip install 'netframe[bench]'", 2)
     try:
         with live_progress(not args.no_progress and sys.stderr.isatty()) as progress:
             result = run_bench(options, progress)
     except BenchError as exc:
-        print(f"netframe: error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc), 1)
     except KeyboardInterrupt:  # before the window began, or while its figures were read
         print("netframe: interrupted before there were figures to show", file=sys.stderr)
         return EXIT_INTERRUPTED
     if result.get("partial"):
         print("netframe: interrupted: the figures below cover part of the window",
               file=sys.stderr)  # fmt: skip
-    print_summary(result)
-    if args.json_path:
-        write_json(result, args.json_path)
-    if args.plot_path:
-        try:
-            plot(result, args.plot_path)
-        except MissingExtra as exc:
-            print(f"netframe: error: {exc}", file=sys.stderr)
-            return 2
+    status = _show(result, args)
+    if status:
+        return status
     if result.get("partial"):
         return EXIT_INTERRUPTED
     return 1 if result["errors"] else 0
+
+
+def _show(result: dict[str, Any], args: argparse.Namespace) -> int:
+    """Print the summary and write what was asked for; a status when that fails."""
+    from netframe.bench._plot import MissingExtra, plot
+    from netframe.bench._report import print_summary, write_hdr, write_json
+
+    print_summary(result)
+    outputs = [(args.json_path, write_json), (args.hdr_path, write_hdr), (args.plot_path, plot)]
+    for path, write in outputs:
+        if path is None:
+            continue
+        try:
+            write(result, path)
+        except MissingExtra as exc:
+            return _fail(str(exc), 2)
+        except OSError as exc:
+            return _fail(f"cannot write {path}: {exc.strerror or exc}", 1)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    try:
+        from netframe.bench._merge import load_result, merge_results
+    except ImportError as exc:
+        return _fail(f"bench merge needs {exc.name}: pip install 'netframe[bench]'", 2)
+    try:
+        results = [load_result(path) for path in args.runs]
+        merged = merge_results(results, [str(path) for path in args.runs])
+    except BenchError as exc:
+        return _fail(str(exc), 2)
+    return _show(merged, args)
