@@ -1009,6 +1009,12 @@ class StopRequests:
         get_logger().info("stop_requested", **why)
         self._server.stop()
 
+    def reload(self, **why: Any) -> None:
+        """SIGHUP (or the supervisor's word): load the TLS files again; a server without
+        TLS has nothing to reload and logs only the request."""
+        get_logger().info("reload_requested", **why)
+        self._server.reload_tls()
+
     def force(self, **why: Any) -> None:
         """Abort every connection and exit the process now with status 1."""
         get_logger().warning("shutdown_forced", **why)
@@ -1024,6 +1030,7 @@ async def serve_until_signal(
     *,
     handover: Handover | None = None,
     signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM),
+    reload_signals: Sequence[int] = (signal.SIGHUP,),
     attach: Callable[[StopRequests], None] | None = None,
     on_serving: Callable[[], None] | None = None,
 ) -> None:
@@ -1031,9 +1038,9 @@ async def serve_until_signal(
 
     ``handover`` is what systemd passed (its notify socket gets ``READY=1``,
     ``STOPPING=1`` and the watchdog's keep-alives); ``signals`` are the ones that
-    request the stop; ``attach`` is handed the :class:`StopRequests` before anything is
-    bound (a worker connects its supervisor's commands to it), and ``on_serving`` is
-    called once the server serves.
+    request the stop, ``reload_signals`` those that reload the TLS files; ``attach`` is
+    handed the :class:`StopRequests` before anything is bound (a worker connects its
+    supervisor's commands to it), and ``on_serving`` is called once the server serves.
     """
     loop = asyncio.get_running_loop()
     requests = StopRequests(server)
@@ -1048,6 +1055,9 @@ async def serve_until_signal(
     # Before binding: a signal that arrives while we start still means a clean stop.
     for signum in signals:
         loop.add_signal_handler(signum, requests.signal, signum)
+    for signum in reload_signals:
+        name = signal.Signals(signum).name
+        loop.add_signal_handler(signum, functools.partial(requests.reload, signal=name))
     if watchdog is not None:  # from the start: a start that hangs is a hung service too
         watchdog.start()
     stopping = loop.create_task(announce_stop())
@@ -1080,7 +1090,7 @@ async def serve_until_signal(
             await stopping  # STOPPING=1 is out before the process ends
         else:
             stopping.cancel()
-        for signum in signals:
+        for signum in (*signals, *reload_signals):
             # Best effort: rloop 0.5's remove_signal_handler raises AttributeError, and
             # the process ends next anyway.
             with contextlib.suppress(AttributeError, RuntimeError, NotImplementedError):
