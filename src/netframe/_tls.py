@@ -302,13 +302,39 @@ class TlsGate(asyncio.Protocol):
     # -- then the TLS transport's application protocol, until the hand-over -------------
 
     def data_received(self, data: bytes) -> None:
-        # uvloop starts reading after connection_made whatever it did, so the first
-        # bytes of the handshake may come here before start_tls takes the transport.
-        (self._held if self._wrapped else self._read).append(data)
+        if not self._wrapped:
+            # uvloop starts reading after connection_made whatever it did, so the first
+            # bytes of the handshake may come here before start_tls takes the transport.
+            self._read.append(data)
+            return
+        # Decrypted: the handshake is done and start_tls has not returned yet.
+        protocol = self._early_hand_over()
+        if protocol is None:
+            self._held.append(data)
+        else:
+            protocol.endpoint.data_received(data)
 
     def eof_received(self) -> bool:
-        self._eof = True
+        protocol = self._early_hand_over() if self._wrapped else None
+        if protocol is None:
+            self._eof = True
+        else:
+            protocol.eof_received()
         return False
+
+    def _early_hand_over(self) -> TlsEndpoint | None:
+        """Hand over now, from inside the TLS protocol's read: the loops pass decrypted
+        bytes on before ``start_tls`` returns (asyncio in the very call that ends the
+        handshake). A client whose Finished, first messages and ``close_notify`` arrive
+        in one read would otherwise get no reply at all, since the TLS transport drops
+        every write once it has seen ``close_notify``. The transport is taken from the
+        TLS protocol (``_get_app_transport``, which asyncio's and uvloop's both have, and
+        which ``start_tls`` returns later too); a loop without it gets the bytes held
+        until ``start_tls`` returns."""
+        if self._done:
+            return None
+        getter = getattr(self._plain.get_protocol(), "_get_app_transport", None)
+        return None if getter is None else self._hand_over(getter())
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._done:
@@ -384,7 +410,7 @@ class TlsGate(asyncio.Protocol):
             return "unix"
         return format_peer(raw)
 
-    def _hand_over(self, transport: Any) -> None:
+    def _hand_over(self, transport: Any) -> TlsEndpoint:
         self._finish()
         protocol = self._make_endpoint()
         endpoint = protocol.endpoint
@@ -399,6 +425,7 @@ class TlsGate(asyncio.Protocol):
         self._held.clear()
         if self._eof:
             protocol.eof_received()
+        return protocol
 
 
 def tls_info(ssl_object: Any, server_name: str | None) -> TlsInfo:
