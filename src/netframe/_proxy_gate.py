@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Final
 
 from netframe._endpoint import EndpointContext, format_peer
-from netframe._tls import TlsEndpoint, TlsGate, TlsGates
+from netframe._tls import TlsGate, TlsGates
 from netframe.handlers import InetAddress, PeerAddress, UnixAddress
 from netframe.proxy import (
     HeaderReader,
@@ -183,8 +183,7 @@ class ProxyGate(asyncio.Protocol):
         if (tls := self._gates.tls) is not None:  # the handshake follows the header
             client = _proxied(header.source)
             proxied = None if client is None else (client, _proxied(header.destination), self._peer)
-            make: Callable[[], TlsEndpoint] = self._make_endpoint  # type: ignore[assignment]
-            TlsGate(tls, make, "tcp", proxied).begin(transport, self._reader.rest)
+            TlsGate(tls, "tcp", proxied).begin(transport, self._reader.rest)
             return
         protocol = self._make_endpoint()
         endpoint = protocol.endpoint if isinstance(protocol, BufferedTcpEndpoint) else protocol

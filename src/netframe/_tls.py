@@ -37,7 +37,7 @@ from netframe._endpoint import REFUSED_EVENT, EndpointContext, format_peer
 from netframe.config import Config, ConfigError
 from netframe.handlers import CloseReason, PeerAddress, TlsInfo
 from netframe.handlers._interface import Network
-from netframe.tcp import BufferedTcpEndpoint
+from netframe.tcp import TcpEndpoint
 
 __all__ = [
     "HANDSHAKE_FAILED",
@@ -147,19 +147,47 @@ def describe_failure(exc: BaseException | None) -> str:
     return str(exc) or type(exc).__name__
 
 
-class TlsEndpoint(BufferedTcpEndpoint):
-    """The endpoint of a TLS connection: read through ``get_buffer``/``buffer_updated``
-    on both loops (their TLS transports decrypt straight into the server's shared read
-    buffer, where a plain ``Protocol`` would get a fresh 256 KiB ``bytes`` per read), and
-    an ``eof_received`` that never asks to stay open: asyncio's and uvloop's TLS
-    transports close after the client's ``close_notify`` whatever it answers (and warn
-    when asked otherwise), so the endpoint's "keep open" is not passed on."""
+class TlsEndpoint(asyncio.BufferedProtocol):
+    """The protocol of a TLS connection once its handshake is done: a
+    :class:`~netframe.tcp.TcpEndpoint` behind it, read through
+    ``get_buffer``/``buffer_updated`` on both loops (their TLS transports then decrypt
+    straight into the server's shared read buffer, where a plain ``Protocol`` gets a new
+    256 KiB ``bytes`` per read), with an ``eof_received`` that never asks to stay open:
+    asyncio's and uvloop's TLS transports close after the client's ``close_notify``
+    whatever it answers (and warn when asked otherwise).
 
-    __slots__ = ()
+    Its own class rather than a subclass of
+    :class:`~netframe.tcp.BufferedTcpEndpoint`: in the compiled build that class's
+    methods accept no subclass.
+    """
+
+    __slots__ = ("_buffer", "endpoint")
+
+    def __init__(self, ctx: EndpointContext, network: Network) -> None:
+        self.endpoint = TcpEndpoint(ctx, network)
+        self._buffer = ctx.read_buffer
+
+    def connection_made(self, transport: Any) -> None:
+        self.endpoint.connection_made(transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.endpoint.data_received(self._buffer[:nbytes].tobytes())
 
     def eof_received(self) -> bool:
         self.endpoint.eof_received()
         return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.endpoint.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.endpoint.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.endpoint.resume_writing()
 
 
 class TlsGates:
@@ -185,11 +213,9 @@ class TlsGates:
         if name:
             self.server_names[ssl_object] = name
 
-    def factory(
-        self, make_endpoint: Callable[[], TlsEndpoint], network: Network
-    ) -> Callable[[], TlsGate]:
+    def factory(self, network: Network) -> Callable[[], TlsGate]:
         """The listener's protocol factory: a gate in front of each endpoint."""
-        return lambda: TlsGate(self, make_endpoint, network)
+        return lambda: TlsGate(self, network)
 
     def close_all(self) -> None:
         """The server is stopping: handshakes in progress have no handler and nothing to
@@ -212,7 +238,6 @@ class TlsGate(asyncio.Protocol):
         "_gates",
         "_held",
         "_lost",
-        "_make_endpoint",
         "_network",
         "_plain",
         "_proxied",
@@ -223,14 +248,9 @@ class TlsGate(asyncio.Protocol):
     )
 
     def __init__(
-        self,
-        gates: TlsGates,
-        make_endpoint: Callable[[], TlsEndpoint],
-        network: Network = "tcp",
-        proxied: Proxied | None = None,
+        self, gates: TlsGates, network: Network = "tcp", proxied: Proxied | None = None
     ) -> None:
         self._gates = gates
-        self._make_endpoint = make_endpoint
         self._network = network
         self._proxied = proxied
         self._plain: Any = None
@@ -412,7 +432,7 @@ class TlsGate(asyncio.Protocol):
 
     def _hand_over(self, transport: Any) -> TlsEndpoint:
         self._finish()
-        protocol = self._make_endpoint()
+        protocol = TlsEndpoint(self._gates.ctx, self._network)
         endpoint = protocol.endpoint
         if self._proxied is not None:
             endpoint.set_proxied(*self._proxied)

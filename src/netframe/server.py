@@ -41,7 +41,7 @@ from netframe._datagram import open_datagram_endpoint, serve_datagram_socket
 from netframe._endpoint import TICK_S, EndpointContext
 from netframe._errors import Error
 from netframe._proxy_gate import ProxyGates
-from netframe._tls import TlsEndpoint, TlsGates, server_context
+from netframe._tls import TlsGates, server_context
 from netframe._unix import FileIdentity, bind_unix_listener, remove_socket_file, unix_address
 from netframe.config import Address, Config, ConfigError
 from netframe.framing import make_framer
@@ -517,16 +517,13 @@ class Server:
         # The buffered read path on the standard loop (see BufferedTcpEndpoint); on uvloop
         # the two paths measure the same, and the plain one is simpler.
         endpoint = BufferedTcpEndpoint if standard else TcpEndpoint
-        tls = self._tls_gates
-        if tls is not None:  # a TLS transport's reads are buffered on both loops
-            endpoint = TlsEndpoint
 
         def make_endpoint() -> TcpEndpoint | BufferedTcpEndpoint:
             return endpoint(ctx, network)
 
         factory: Callable[[], Any] = make_endpoint
-        if tls is not None:  # the handshake, then the endpoint
-            factory = tls.factory(lambda: TlsEndpoint(ctx, network), network)
+        if self._tls_gates is not None:  # the handshake, then the endpoint (_tls)
+            factory = self._tls_gates.factory(network)
         if self._proxy_gates is not None and network == "tcp":  # the header, then the endpoint
             factory = self._proxy_gates.factory(make_endpoint, buffered=standard)
         sock.on_shed = lambda: ctx.refused("no_file_descriptors")
