@@ -35,8 +35,9 @@ from conftest import (
 from cryptography.hazmat.primitives import serialization
 from structlog.testing import capture_logs
 
-from netframe import Connection, Handler, Server
+from netframe import Connection, Handler, Server, TlsInfo
 from netframe.proxy import encode_v2
+from netframe.testing import MemoryConnection
 
 pytestmark = pytest.mark.timeout(60)
 on_both_loops = pytest.mark.usefixtures("loop_checked")
@@ -247,6 +248,43 @@ async def test_the_greeting_exchange_over_tls(pki: Pki) -> None:
     async with tls_server(pki) as server:
         got = await asyncio.to_thread(greeting_session, server.address(), pki.client_context())
     assert got == b"Welcome!Hello, Bob!"
+
+
+@pytest.mark.asyncio
+@on_both_loops
+async def test_tls_over_ipv6(pki: Pki) -> None:
+    async with tls_server(pki, tcp=["[::1]:0"]) as server:
+        got = await asyncio.to_thread(greeting_session, server.address(), pki.client_context())
+    assert got == b"Welcome!Hello, Bob!"
+
+
+@pytest.mark.asyncio
+@on_both_loops
+async def test_handshakes_in_progress_count_towards_max_connections(pki: Pki) -> None:
+    """One client holds the only place with a handshake it never finishes; the next is
+    closed at once and counted, and the place is free again after the timeout."""
+    server = tls_server(pki, max_connections=1, tls_handshake_timeout_s=0.5)
+    with capture_logs() as logs:
+        async with server:
+            with socket.create_connection(server.address(), timeout=REPLY_TIMEOUT_S) as silent:
+                await asyncio.sleep(0.2)  # accepted, its handshake under way
+                with socket.create_connection(server.address(), timeout=REPLY_TIMEOUT_S) as late:
+                    assert await asyncio.to_thread(recv_until_closed, late) == b""
+                assert await asyncio.to_thread(recv_until_closed, silent) == b""
+            got = await asyncio.to_thread(greeting_session, server.address(), pki.client_context())
+    assert got == b"Welcome!Hello, Bob!"
+    assert [e["refused"] for e in refused(logs, "max_connections")] == [1]
+    assert len(refused(logs, "tls_handshake_timeout")) == 1
+
+
+def test_a_memory_connection_can_play_a_tls_connection() -> None:
+    tls = TlsInfo(version="TLSv1.3", cipher="TLS_AES_128_GCM_SHA256", server_name="app.example")
+    conn = MemoryConnection(Reporter, tls=tls, framing="line")
+    conn.connect()
+    report = json.loads(conn.sent[0])
+    assert report["version"] == "TLSv1.3"
+    assert report["server_name"] == "app.example"
+    assert report["peer_certificate"] is None
 
 
 @pytest.mark.asyncio
