@@ -227,9 +227,10 @@ class TlsGates:
 class TlsGate(asyncio.Protocol):
     """One connection until its TLS handshake is done; see the module's docstring.
 
-    It is the transport's protocol until ``start_tls`` takes the transport, and then the
-    TLS protocol's application protocol until the hand-over: decrypted bytes that come
-    in that moment are held and passed on.
+    It is the transport's protocol until ``start_tls`` takes the transport (bytes read
+    meanwhile are the handshake's, handed to the TLS protocol), and then the TLS
+    protocol's application protocol until the hand-over, which happens at the first
+    decrypted bytes or when ``start_tls`` returns, whichever comes first.
     """
 
     __slots__ = (
