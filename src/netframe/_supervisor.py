@@ -217,9 +217,12 @@ class Supervisor:
             # Blocked signals stay blocked in the child: a Ctrl+C or SIGTERM that comes
             # while it starts waits until it can handle them. (The first start of a spawn
             # process also starts multiprocessing's resource tracker, which unblocks both
-            # signals when it is done: start the tracker first.)
-            resource_tracker.ensure_running()
-            with _signals_blocked():
+            # signals when it is done: start the tracker first. It ignores those two, and
+            # is started with SIGHUP blocked, which it never unblocks: a SIGHUP to the
+            # whole group, a reload, must not end it.)
+            with _signals_blocked((_RELOAD_SIGNAL,)):
+                resource_tracker.ensure_running()
+            with _signals_blocked((*_STOP_SIGNALS, _RELOAD_SIGNAL)):
                 process.start()
         except Exception as exc:  # out of processes or memory: as if it had died at once
             ours.close()
@@ -437,8 +440,8 @@ def _start_error(slot: _Slot, code: int | None) -> Error:
 
 
 @contextlib.contextmanager
-def _signals_blocked() -> Iterator[None]:
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, (*_STOP_SIGNALS, _RELOAD_SIGNAL))
+def _signals_blocked(signals: tuple[int, ...]) -> Iterator[None]:
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         yield
     finally:
