@@ -181,6 +181,8 @@ def test_every_setting_is_reachable_from_the_file_and_the_environment(tmp_path: 
         "udp_allow_ports": "[53, 123]", "unix": '["/tmp/a.sock", "/tmp/b.sock"]',
         "unix_mode": "0o600", "proxy_protocol": '"v2"',
         "proxy_allow": '["10.0.0.0/8", "192.0.2.7"]', "proxy_timeout_s": "2",
+        "tls_cert": '"/etc/tls/cert.pem"', "tls_key": '"/etc/tls/key.pem"',
+        "tls_client_ca": '"/etc/tls/ca.pem"', "tls_handshake_timeout_s": "3",
     }  # fmt: skip
     assert set(file_values) == set(settings())  # a new setting must be added here
     from_file = Config.load(

@@ -136,14 +136,17 @@ async def _stop(task: asyncio.Task[None]) -> None:
 async def open_stream(args: argparse.Namespace) -> TcpClient:
     """The command line's stream connection: TCP to ``HOST:PORT``, or a Unix socket
     when ``args.address`` is a path."""
+    tls = args.tls_context  # None without --tls
     if isinstance(args.address, str):
         return await TcpClient.connect_unix(
-            args.address, framing=args.framing, timeout_s=args.timeout_s
-        )
+            args.address, framing=args.framing, timeout_s=args.timeout_s, tls=tls,
+            server_name=args.tls_server_name or "localhost",
+        )  # fmt: skip
     address: Address = args.address
     return await TcpClient.connect(
-        address.host, address.port, framing=args.framing, timeout_s=args.timeout_s
-    )
+        address.host, address.port, framing=args.framing, timeout_s=args.timeout_s, tls=tls,
+        server_name=args.tls_server_name,
+    )  # fmt: skip
 
 
 async def interact_tcp(args: argparse.Namespace) -> None:

@@ -12,6 +12,10 @@ instead of the endpoint. The gate owns the connection only until the header is i
   (``transport.set_protocol``), calls its ``connection_made`` (caps, greeting, handler)
   and hands it the bytes that came after the header.
 
+With TLS on too, the gate hands the plain transport, the header's addresses and the
+bytes after the header to a :class:`~netframe._tls.TlsGate` instead, which runs the
+handshake (those bytes are its start) and then hands over to the endpoint.
+
 So the endpoint's hot path is untouched: it never learns a gate was there, except that
 its peer is the client and ``via`` names the balancer. Every refusal (untrusted peer, a
 malformed, truncated, missing or late header) is one ``proxy_header_rejected`` warning
@@ -27,6 +31,7 @@ from collections.abc import Callable
 from typing import Final
 
 from netframe._endpoint import EndpointContext, format_peer
+from netframe._tls import TlsGate, TlsGates
 from netframe.handlers import InetAddress, PeerAddress, UnixAddress
 from netframe.proxy import (
     HeaderReader,
@@ -46,9 +51,11 @@ REJECTED_EVENT: Final = "proxy_header_rejected"
 class ProxyGates:
     """What the gates of one server share, and the gates still waiting for a header."""
 
-    def __init__(self, ctx: EndpointContext) -> None:
+    def __init__(self, ctx: EndpointContext, tls: TlsGates | None = None) -> None:
         config = ctx.config
         self.ctx = ctx
+        #: The TLS handshakes the gates hand over to, when TLS is on.
+        self.tls = tls
         self.versions: Versions = "any" if config.proxy_protocol == "off" else config.proxy_protocol
         self.trusted = TrustedProxies(config.proxy_allow)
         self.timeout_s = config.proxy_timeout_s
@@ -173,6 +180,11 @@ class ProxyGate(asyncio.Protocol):
         self._finish()
         transport = self._transport
         assert transport is not None
+        if (tls := self._gates.tls) is not None:  # the handshake follows the header
+            client = _proxied(header.source)
+            proxied = None if client is None else (client, _proxied(header.destination), self._peer)
+            TlsGate(tls, "tcp", proxied).begin(transport, self._reader.rest)
+            return
         protocol = self._make_endpoint()
         endpoint = protocol.endpoint if isinstance(protocol, BufferedTcpEndpoint) else protocol
         client = _proxied(header.source)

@@ -26,10 +26,10 @@ from typing import Any, Final
 
 from netframe._errors import Error
 from netframe._reuseport import Listeners, bind_groups, share
-from netframe._worker import FORCE, STOP, WorkerSpec, worker_main
+from netframe._worker import FORCE, RELOAD, STOP, WorkerSpec, worker_main
 from netframe.config import Config, ConfigError
 from netframe.logs import configure_logging, flush_logs, get_logger, lifecycle_logger
-from netframe.loops import loop_factory
+from netframe.loops import loop_factory, loop_lacks
 from netframe.server import (
     EXIT_FORCED,
     Server,
@@ -56,6 +56,8 @@ MAX_QUICK_DEATHS: Final = 5
 KILL_GRACE_S: Final = 5.0
 
 _STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+#: Passed on to every worker, which reloads its TLS files.
+_RELOAD_SIGNAL: Final = signal.SIGHUP
 
 
 def _check(config: Config, handover: Handover) -> None:
@@ -71,6 +73,7 @@ def _check(config: Config, handover: Handover) -> None:
     for each in handover.sockets:  # one that cannot be served: one line, as without workers
         listener_kind(each.sock)
     loop_factory(config.loop)
+    loop_lacks(config.loop, {"unix": bool(config.unix), "tls": config.tls_cert is not None})
     try:
         pickle.dumps(config)
     except Exception as exc:
@@ -214,9 +217,12 @@ class Supervisor:
             # Blocked signals stay blocked in the child: a Ctrl+C or SIGTERM that comes
             # while it starts waits until it can handle them. (The first start of a spawn
             # process also starts multiprocessing's resource tracker, which unblocks both
-            # signals when it is done: start the tracker first.)
-            resource_tracker.ensure_running()
-            with _signals_blocked():
+            # signals when it is done: start the tracker first. It ignores those two, and
+            # is started with SIGHUP blocked, which it never unblocks: a SIGHUP to the
+            # whole group, a reload, must not end it.)
+            with _signals_blocked((_RELOAD_SIGNAL,)):
+                resource_tracker.ensure_running()
+            with _signals_blocked((*_STOP_SIGNALS, _RELOAD_SIGNAL)):
                 process.start()
         except Exception as exc:  # out of processes or memory: as if it had died at once
             ours.close()
@@ -338,7 +344,14 @@ class Supervisor:
 
     def _handle_signals(self) -> None:
         while self._signals:
-            name = signal.Signals(self._signals.pop(0)).name
+            signum = self._signals.pop(0)
+            name = signal.Signals(signum).name
+            if signum == _RELOAD_SIGNAL:
+                if not self._stopping:
+                    self._log.info("reload_requested", signal=name)
+                    for slot in self._slots:
+                        self._send(slot, RELOAD)
+                continue
             if not self._stopping:
                 self._log.info("stop_requested", signal=name)
                 self._begin_stop()
@@ -389,7 +402,10 @@ class Supervisor:
                     pass
 
         previous_fd = signal.set_wakeup_fd(wake_write.fileno(), warn_on_full_buffer=False)
-        previous = {signum: signal.signal(signum, self._on_signal) for signum in _STOP_SIGNALS}
+        previous = {
+            signum: signal.signal(signum, self._on_signal)
+            for signum in (*_STOP_SIGNALS, _RELOAD_SIGNAL)
+        }
         self._selector.register(wake_read, selectors.EVENT_READ, drain)
         try:
             yield
@@ -424,8 +440,8 @@ def _start_error(slot: _Slot, code: int | None) -> Error:
 
 
 @contextlib.contextmanager
-def _signals_blocked() -> Iterator[None]:
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+def _signals_blocked(signals: tuple[int, ...]) -> Iterator[None]:
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         yield
     finally:

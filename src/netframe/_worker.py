@@ -24,11 +24,12 @@ from netframe.logs import configure_logging, flush_logs, get_logger
 from netframe.loops import loop_factory, resolve_loop_name
 from netframe.server import Server, StartError, StopRequests, serve_until_signal
 
-__all__ = ["FORCE", "STOP", "WorkerSpec", "worker_main"]
+__all__ = ["FORCE", "RELOAD", "STOP", "WorkerSpec", "worker_main"]
 
 # The supervisor's commands to a worker, over the worker's pipe.
 STOP: Final = b"stop"
 FORCE: Final = b"force"
+RELOAD: Final = b"reload"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -45,8 +46,11 @@ def worker_main(spec: WorkerSpec) -> None:
     """A worker process: serve ``spec.sockets`` until the supervisor or SIGTERM stops it."""
     # Ctrl+C reaches every process of the terminal's group: the supervisor acts on it.
     # (Both signals arrive blocked, see Supervisor._spawn; SIGTERM is unblocked once handled.)
+    # SIGHUP likewise: the supervisor passes its own on to every worker as "reload", so
+    # a reload of the whole group (kill -HUP -PGID) happens once per worker, not twice.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGHUP})
     config = spec.config
     configure_logging(config.log_format, config.log_level, worker=str(spec.index))
     link = _SupervisorLink(spec.link)
@@ -59,6 +63,7 @@ def worker_main(spec: WorkerSpec) -> None:
                     server,
                     resolve_loop_name(config.loop),
                     signals=(),  # SIGTERM is the link's: see _SupervisorLink.attach
+                    reload_signals=(),  # SIGHUP comes as the supervisor's "reload"
                     attach=link.attach,
                     on_serving=link.ready,
                 )
@@ -98,7 +103,9 @@ class _SupervisorLink:
             loop.remove_reader(self._conn.fileno())
             requests.stop(by="supervisor_gone")
             return
-        if command == FORCE:
+        if command == RELOAD:
+            requests.reload(by="supervisor")
+        elif command == FORCE:
             requests.force(by="supervisor")
         else:
             requests.stop(by="supervisor")

@@ -26,7 +26,7 @@ from netframe._interactive import (
     show,
 )
 from netframe._version import __version__
-from netframe.client import ClientError, UdpClient
+from netframe.client import ClientError, UdpClient, tls_context
 from netframe.config import (
     FRAMINGS,
     LOOPS,
@@ -234,6 +234,32 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="event loop; auto uses uvloop when installed (default: %(default)s)",
     )
+    client.add_argument(
+        "--tls",
+        action="store_true",
+        help="speak TLS (TLS 1.2 or later), checking the server's certificate (default: off)",
+    )
+    client.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="trust the CA certificates in this PEM file for the server's certificate "
+        "(default: the system's CAs)",
+    )
+    client.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="present this client certificate (PEM; the key too unless --tls-key), for "
+        "servers that ask for one (default: none)",
+    )
+    client.add_argument(
+        "--tls-key", metavar="FILE", help="the client certificate's key (default: none)"
+    )
+    client.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="the name the server's certificate must hold, also sent as SNI (default: the "
+        "HOST of HOST:PORT; localhost for a Unix socket)",
+    )
     client.set_defaults(func=_client)
 
     from netframe.bench.cli import add_bench_parser
@@ -272,7 +298,17 @@ def _client(args: argparse.Namespace) -> int:
             f"argument --udp: needs HOST:PORT, not the Unix socket {args.address} (see --help)",
             EXIT_USAGE,
         )
+    given = [flag for flag in ("tls_ca", "tls_cert", "tls_key", "tls_server_name")
+             if getattr(args, flag) is not None]  # fmt: skip
+    if given and not args.tls:
+        option = "--" + given[0].replace("_", "-")
+        return _fail(f"argument {option}: needs --tls (see --help)", EXIT_USAGE)
+    if args.tls and args.udp:
+        return _fail("argument --tls: not allowed with --udp (see --help)", EXIT_USAGE)
     try:
+        args.tls_context = (
+            tls_context(args.tls_ca, args.tls_cert, args.tls_key) if args.tls else None
+        )
         factory = loop_factory(args.loop)
         Config(encoding=args.encoding)  # validates the encoding name
         names = [] if args.interactive else args.names or list(DEFAULT_NAMES)

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 from collections.abc import Awaitable
 from typing import Any, cast
 
 from netframe._errors import Error
-from netframe.config import Framing
+from netframe.config import ConfigError, Framing
 from netframe.framing import LineFramer, RawFramer
 
-__all__ = ["ClientError", "TcpClient", "UdpClient"]
+__all__ = ["ClientError", "TcpClient", "UdpClient", "tls_context"]
 
 # Replies longer than this are refused by the client, as the server refuses lines.
 _MAX_REPLY_BYTES = 16 * 1024 * 1024
@@ -29,6 +30,38 @@ _MAX_REPLY_BYTES = 16 * 1024 * 1024
 
 class ClientError(Error, ConnectionError):
     """The server could not be reached, timed out, or closed early; the text says which."""
+
+
+def tls_context(
+    ca: str | None = None, cert: str | None = None, key: str | None = None
+) -> ssl.SSLContext:
+    """A client's SSL context: TLS 1.2 at least, the server's certificate checked against
+    the CAs in ``ca`` (the system's when ``None``) and against the name connected to;
+    ``cert`` (and ``key``, when not in the same file) is the client's own certificate,
+    for servers that ask for one.
+
+    Raises:
+        ConfigError: a file cannot be read or holds no certificate or key (one line).
+    """
+    try:
+        context = ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the CA file {ca}: {_reason(exc)}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None:
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the certificate {cert}: {_reason(exc)}") from None
+    elif key is not None:
+        raise ConfigError("a client key needs its certificate (--tls-cert)")
+    return context
+
+
+def _reason(exc: OSError) -> str:
+    if isinstance(exc, ssl.SSLError) and isinstance(exc.reason, str):
+        return exc.reason.lower().replace("_", " ")
+    return exc.strerror or str(exc)
 
 
 class _Receiver(asyncio.Protocol):
@@ -89,29 +122,53 @@ class TcpClient:
 
     @classmethod
     async def connect(
-        cls, host: str, port: int, *, framing: Framing = "auto", timeout_s: float = 5.0
+        cls,
+        host: str,
+        port: int,
+        *,
+        framing: Framing = "auto",
+        timeout_s: float = 5.0,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
     ) -> TcpClient:
-        """Connect to ``host:port``.
+        """Connect to ``host:port``; with ``tls`` (see :func:`tls_context`), speak TLS,
+        checking the server's certificate against ``server_name`` (default ``host``).
 
         Raises:
-            ClientError: refused, unreachable, or no answer within ``timeout_s``.
+            ClientError: refused, unreachable, the TLS handshake failed, or no answer
+                within ``timeout_s``.
         """
         loop = asyncio.get_running_loop()
-        connecting = loop.create_connection(lambda: _Receiver(framing), host, port)
+        options: dict[str, Any] = {}
+        if tls is not None:
+            options = {"ssl": tls, "server_hostname": server_name or host}
+            options["ssl_handshake_timeout"] = timeout_s
+        connecting = loop.create_connection(lambda: _Receiver(framing), host, port, **options)
         return await cls._open(connecting, f"{host}:{port}", framing, timeout_s)
 
     @classmethod
     async def connect_unix(
-        cls, path: str, *, framing: Framing = "auto", timeout_s: float = 5.0
+        cls,
+        path: str,
+        *,
+        framing: Framing = "auto",
+        timeout_s: float = 5.0,
+        tls: ssl.SSLContext | None = None,
+        server_name: str = "localhost",
     ) -> TcpClient:
-        """Connect to the Unix-domain stream socket at ``path``.
+        """Connect to the Unix-domain stream socket at ``path``; with ``tls``, speak TLS,
+        checking the server's certificate against ``server_name``.
 
         Raises:
-            ClientError: no such socket, refused, not allowed, or no answer within
-                ``timeout_s``.
+            ClientError: no such socket, refused, not allowed, the TLS handshake failed,
+                or no answer within ``timeout_s``.
         """
         loop = asyncio.get_running_loop()
-        connecting = loop.create_unix_connection(lambda: _Receiver(framing), path)
+        options: dict[str, Any] = {}
+        if tls is not None:
+            options = {"ssl": tls, "server_hostname": server_name}
+            options["ssl_handshake_timeout"] = timeout_s
+        connecting = loop.create_unix_connection(lambda: _Receiver(framing), path, **options)
         return await cls._open(connecting, path, framing, timeout_s)
 
     @classmethod
@@ -126,6 +183,13 @@ class TcpClient:
             _, protocol = await asyncio.wait_for(connecting, timeout_s)
         except TimeoutError:
             raise ClientError(f"connecting to {where} timed out") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise ClientError(
+                f"TLS with {where} failed: the server's certificate is not trusted "
+                f"({exc.verify_message})"
+            ) from None
+        except ssl.SSLError as exc:
+            raise ClientError(f"TLS with {where} failed: {_reason(exc)}") from None
         except OSError as exc:
             raise ClientError(f"cannot connect to {where}: {exc.strerror or exc}") from None
         return cls(protocol, framing, timeout_s)

@@ -161,6 +161,16 @@ def parse_unix_path(text: str) -> str:
     return text
 
 
+def _file_path(where: str, value: object) -> str:
+    """A file's path as given (not opened here: the server reads it, and says why it
+    cannot), checked to be non-empty text without a NUL byte."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}a file path must be a non-empty string, not {value!r}")
+    if "\0" in value:
+        raise ConfigError(f"{where}file path {value!r} holds a NUL byte")
+    return value
+
+
 def _file_mode(text: str) -> int:
     """``660``, ``0660`` or ``0o660`` -> 0o660."""
     digits = text.strip().lower().removeprefix("0o")
@@ -189,6 +199,7 @@ Kind: TypeAlias = Literal[
     "text",
     "choice",
     "pluggable",
+    "file",
     "count",
     "count0",
     "auto_count",
@@ -218,7 +229,8 @@ class Setting:
     why: str
     #: What values are allowed: ``count`` (whole number >= 1), ``count0`` (>= 0, 0 = off),
     #: ``seconds`` (> 0), ``seconds0`` (>= 0, 0 = off), ``auto_count`` (``auto`` or a
-    #: count), ``choice``, ``text``, ``mode`` (an octal file mode), and ``addresses``,
+    #: count), ``choice``, ``text``, ``file`` (a path, or none), ``mode`` (an octal file
+    #: mode), and ``addresses``,
     #: ``ports``, ``paths`` and ``networks`` (IP addresses or networks) (repeatable).
     kind: Kind
     choices: tuple[str, ...] = ()
@@ -249,6 +261,8 @@ class Setting:
             return None if text.strip().lower() == "auto" else _whole(text, 1, self.upper)
         if kind in ("seconds", "seconds0"):
             return _seconds(text, allow_zero=kind == "seconds0")
+        if kind == "file":
+            return _file_path("", text)
         if kind == "pluggable" and ":" in text:
             return text
         if kind in ("choice", "pluggable") and text.lower() in self.choices:
@@ -288,6 +302,9 @@ class Setting:
                     parse_unix_path(path)
                 except ConfigError as exc:
                     raise ConfigError(f"{name}: {exc}") from None
+        elif kind == "file":
+            if value is not None:
+                _file_path(f"{name}: ", value)
         elif kind == "mode":
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
                 shown = oct(value) if isinstance(value, int) else repr(value)
@@ -611,6 +628,34 @@ class Config:
         "a balancer sends the header at once; the specification asks for at least 3 s so "
         "a lost first segment can be retransmitted", "seconds", metavar="SECONDS",
     )  # fmt: skip
+    tls_cert: str | None = _setting(
+        None, "--tls-cert",
+        "serve TLS on every TCP and Unix listener with this certificate (PEM, the "
+        "intermediate certificates after it); reloaded on SIGHUP",
+        "none: a certificate is yours to give; without one the server speaks plain TCP, "
+        "as the tutorial's does", "file", metavar="FILE",
+    )  # fmt: skip
+    tls_key: str | None = _setting(
+        None, "--tls-key",
+        "the certificate's private key (PEM, not encrypted); none: it is in the "
+        "--tls-cert file",
+        "none: one file holding both is common (HAProxy's crt takes one)", "file",
+        metavar="FILE",
+    )  # fmt: skip
+    tls_client_ca: str | None = _setting(
+        None, "--tls-client-ca",
+        "require every TLS client to present a certificate signed by a CA in this PEM "
+        "file; handlers see it as conn.tls.peer_certificate",
+        "none: clients are not asked for certificates, as on most servers; only the "
+        "CAs named here are trusted, never the system's", "file", metavar="FILE",
+    )  # fmt: skip
+    tls_handshake_timeout_s: float = _setting(
+        10.0, "--tls-handshake-timeout",
+        "seconds a TLS client has to complete its handshake before it is closed",
+        "a handshake is two round trips: 10 s is ample over a slow mobile path, and "
+        "connections that never finish cannot pile up (asyncio's own default is 60 s; "
+        "Go's HTTP client allows 10 s)", "seconds", metavar="SECONDS",
+    )  # fmt: skip
 
     # The listen addresses, parsed from `tcp` and `udp` with the default set applied.
     tcp_addresses: tuple[Address, ...] = dataclasses.field(init=False)
@@ -632,6 +677,9 @@ class Config:
         object.__setattr__(self, "log_level", str(self.log_level).lower())
         object.__setattr__(self, "udp_allow_ports", tuple(self.udp_allow_ports))
         object.__setattr__(self, "proxy_allow", _networks(self.proxy_allow))
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):  # a pathlib.Path as its text
+            if isinstance(getattr(self, name), os.PathLike):
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))
         for name, setting in _SETTINGS.items():
             setting.check(name, getattr(self, name))
         try:
@@ -648,6 +696,9 @@ class Config:
                 "proxy_protocol (--proxy-protocol) needs proxy_allow (--proxy-allow): the "
                 "addresses or networks of the load balancers that may send the header"
             )
+        for name, flag in (("tls_key", "--tls-key"), ("tls_client_ca", "--tls-client-ca")):
+            if getattr(self, name) is not None and self.tls_cert is None:
+                raise ConfigError(f"{name} ({flag}) needs tls_cert (--tls-cert)")
         if self.write_buffer_low_bytes > self.write_buffer_high_bytes:
             raise ConfigError(
                 "write_buffer_low_bytes (--write-buffer-low) must not be above "
@@ -707,6 +758,8 @@ def default_text(name: str) -> str:
     setting = _SETTINGS[name]
     value = _DEFAULTS[name]
     if value is None:
+        if setting.kind == "file":
+            return "none"
         return "auto" if setting.kind == "auto_count" else "127.0.0.1:9999 (TCP and UDP)"
     if setting.kind == "mode":
         return f"{value:04o}"

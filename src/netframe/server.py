@@ -41,6 +41,7 @@ from netframe._datagram import open_datagram_endpoint, serve_datagram_socket
 from netframe._endpoint import TICK_S, EndpointContext
 from netframe._errors import Error
 from netframe._proxy_gate import ProxyGates
+from netframe._tls import TlsGates, server_context
 from netframe._unix import FileIdentity, bind_unix_listener, remove_socket_file, unix_address
 from netframe.config import Address, Config, ConfigError
 from netframe.framing import make_framer
@@ -134,10 +135,15 @@ class Server:
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        # Loaded now, so that a missing or wrong file is a usage error before anything
+        # is bound (and, with workers, before any worker starts).
+        self._tls_context = server_context(config) if config.tls_cert is not None else None
         self._log = get_logger()
         self._ctx: EndpointContext | None = None
         # Connections waiting for their PROXY header, when the protocol is on.
         self._proxy_gates: ProxyGates | None = None
+        # Connections in their TLS handshake, and the context in force, with TLS on.
+        self._tls_gates: TlsGates | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tcp_servers: list[asyncio.Server] = []
         self._uv_listeners: list[_UvListener] = []
@@ -199,8 +205,10 @@ class Server:
         ctx.now = loop.time()
         # A loop whose close() does not end the stream by itself (rloop 0.5).
         ctx.eof_before_close = type(loop).__module__.partition(".")[0] in EOF_BEFORE_CLOSE
+        if self._tls_context is not None:
+            self._tls_gates = TlsGates(ctx, self._tls_context)
         if self.config.proxy_protocol != "off":
-            self._proxy_gates = ProxyGates(ctx)
+            self._proxy_gates = ProxyGates(ctx, self._tls_gates)
         try:
             await self._start_hook()
             if self._stopped:  # close() came while on_start ran: bind nothing, undo it
@@ -272,6 +280,8 @@ class Server:
         self._close_listeners()
         if self._proxy_gates is not None:  # no handler yet, nothing to finish
             self._proxy_gates.close_all()
+        if self._tls_gates is not None:  # the same for handshakes in progress
+            self._tls_gates.close_all()
         # A connection accepted in the last instant reaches connection_made within an
         # iteration or two, and closes there because the server is stopping.
         for _ in range(3):
@@ -323,9 +333,36 @@ class Server:
         self._close_listeners()
         if self._proxy_gates is not None:
             self._proxy_gates.close_all()
+        if self._tls_gates is not None:
+            self._tls_gates.close_all()
         if self._ctx is not None:
             for conn in list(self._ctx.connections):
                 conn.terminate()
+
+    def reload_tls(self) -> bool:
+        """Load the TLS certificate, key and client CA files again (SIGHUP does this).
+
+        New handshakes use the new files at once; connections already open keep the
+        certificate they were made with and are not disturbed. Logs ``tls_reloaded``,
+        or ``tls_reload_failed`` with the reason (a file missing, unreadable, or a key
+        that does not match), in which case the server keeps serving with what it had.
+
+        Returns:
+            ``True`` if the files were loaded, ``False`` if not, or if the server does not
+            serve TLS (then nothing is logged).
+        """
+        if self._tls_context is None:
+            return False
+        try:
+            context = server_context(self.config)
+        except ConfigError as exc:
+            self._log.warning("tls_reload_failed", error=str(exc))
+            return False
+        self._tls_context = context
+        if self._tls_gates is not None:
+            self._tls_gates.use(context)
+        self._log.info("tls_reloaded", cert=self.config.tls_cert)
+        return True
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -446,7 +483,7 @@ class Server:
         try:
             for sock in await _bind_tcp(address, self.config.backlog):
                 await self._serve_stream(ctx, sock, "tcp")
-                self._bound("tcp", sock)
+                self._bound("tcp", sock, **self._tls_field())
         except OSError as exc:
             raise listen_error("tcp", address, exc) from None
 
@@ -463,7 +500,7 @@ class Server:
             await self._serve_stream(ctx, bound.sock, "unix")
         except OSError as exc:
             raise listen_error("unix", path, exc) from None
-        self._bound("unix", bound.sock, path=bound.path, mode=f"{mode:04o}")
+        self._bound("unix", bound.sock, path=bound.path, mode=f"{mode:04o}", **self._tls_field())
 
     async def _serve_stream(
         self, ctx: EndpointContext, sock: _GuardedListener, network: Literal["tcp", "unix"]
@@ -486,6 +523,8 @@ class Server:
             endpoint, ctx, network
         )
         factory: Callable[[], Any] = make_endpoint
+        if self._tls_gates is not None:  # the handshake, then the endpoint (_tls)
+            factory = self._tls_gates.factory(network)
         if self._proxy_gates is not None and network == "tcp":  # the header, then the endpoint
             factory = self._proxy_gates.factory(make_endpoint, buffered=standard)
         sock.on_shed = lambda: ctx.refused("no_file_descriptors")
@@ -549,7 +588,11 @@ class Server:
             await self._serve_stream(ctx, listener, "unix" if kind == "unix" else "tcp")
         except OSError as exc:
             raise listen_error(kind, where, exc) from None
-        self._bound(kind, listener, fd=fd)
+        self._bound(kind, listener, fd=fd, **self._tls_field())
+
+    def _tls_field(self) -> dict[str, bool]:
+        """``tls=True`` in a stream listener's ``listening`` line when it serves TLS."""
+        return {"tls": True} if self._tls_context is not None else {}
 
     def _bound(self, transport: str, sock: Any, **fields: Any) -> None:
         name = sock.getsockname()
@@ -905,7 +948,7 @@ def run_in_process(config: Config | None = None, **settings: Any) -> int:
     server = Server(config, sockets=handed, **settings)
     config = server.config
     factory = loop_factory(config.loop)
-    loop_lacks(config.loop, {"unix": bool(config.unix)})
+    loop_lacks(config.loop, {"unix": bool(config.unix), "tls": config.tls_cert is not None})
     configure_logging(config.log_format, config.log_level)
     log_handover(handover, config)
     try:
@@ -964,6 +1007,12 @@ class StopRequests:
         get_logger().info("stop_requested", **why)
         self._server.stop()
 
+    def reload(self, **why: Any) -> None:
+        """SIGHUP (or the supervisor's word): load the TLS files again; a server without
+        TLS has nothing to reload and logs only the request."""
+        get_logger().info("reload_requested", **why)
+        self._server.reload_tls()
+
     def force(self, **why: Any) -> None:
         """Abort every connection and exit the process now with status 1."""
         get_logger().warning("shutdown_forced", **why)
@@ -979,6 +1028,7 @@ async def serve_until_signal(
     *,
     handover: Handover | None = None,
     signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM),
+    reload_signals: Sequence[int] = (signal.SIGHUP,),
     attach: Callable[[StopRequests], None] | None = None,
     on_serving: Callable[[], None] | None = None,
 ) -> None:
@@ -986,9 +1036,9 @@ async def serve_until_signal(
 
     ``handover`` is what systemd passed (its notify socket gets ``READY=1``,
     ``STOPPING=1`` and the watchdog's keep-alives); ``signals`` are the ones that
-    request the stop; ``attach`` is handed the :class:`StopRequests` before anything is
-    bound (a worker connects its supervisor's commands to it), and ``on_serving`` is
-    called once the server serves.
+    request the stop, ``reload_signals`` those that reload the TLS files; ``attach`` is
+    handed the :class:`StopRequests` before anything is bound (a worker connects its
+    supervisor's commands to it), and ``on_serving`` is called once the server serves.
     """
     loop = asyncio.get_running_loop()
     requests = StopRequests(server)
@@ -1003,6 +1053,9 @@ async def serve_until_signal(
     # Before binding: a signal that arrives while we start still means a clean stop.
     for signum in signals:
         loop.add_signal_handler(signum, requests.signal, signum)
+    for signum in reload_signals:
+        name = signal.Signals(signum).name
+        loop.add_signal_handler(signum, functools.partial(requests.reload, signal=name))
     if watchdog is not None:  # from the start: a start that hangs is a hung service too
         watchdog.start()
     stopping = loop.create_task(announce_stop())
@@ -1035,7 +1088,7 @@ async def serve_until_signal(
             await stopping  # STOPPING=1 is out before the process ends
         else:
             stopping.cancel()
-        for signum in signals:
+        for signum in (*signals, *reload_signals):
             # Best effort: rloop 0.5's remove_signal_handler raises AttributeError, and
             # the process ends next anyway.
             with contextlib.suppress(AttributeError, RuntimeError, NotImplementedError):

@@ -159,11 +159,9 @@ class TcpEndpoint:
         "messages_in",
         "messages_out",
         "network",
+        "tls",
         "via",
     )
-
-    #: No TLS yet: this is where it will appear.
-    tls: Final[TlsInfo | None] = None
 
     def __init__(self, ctx: EndpointContext, network: Network = "tcp") -> None:
         self._ctx = ctx
@@ -217,6 +215,9 @@ class TcpEndpoint:
         self.bytes_in = self.bytes_out = self.messages_in = self.messages_out = 0
         #: The load balancer, when a PROXY header named the client (see set_proxied).
         self.via: PeerAddress | None = None
+        #: What TLS negotiated; set by the TLS gate (netframe._tls) before
+        #: connection_made, None on a plain connection.
+        self.tls: TlsInfo | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------
 

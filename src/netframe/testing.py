@@ -67,6 +67,9 @@ class MemoryConnection:
       ``Error: ...`` replies.
 
     Like the real endpoints, messages after :meth:`close` are not handed to the handler.
+    ``peer``, ``local``, ``via`` and ``tls`` are what the handler reads as ``conn.peer``
+    and so on: pass a :class:`~netframe.TlsInfo` to test a handler as on a TLS
+    connection.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class MemoryConnection:
         peer: PeerAddress | None = _CLIENT,
         local: PeerAddress | None = _SERVER,
         via: PeerAddress | None = None,
+        tls: TlsInfo | None = None,
         encoding: str = "utf-8",
         framing: str = "auto",
         terminator: bytes | None = None,
@@ -86,7 +90,7 @@ class MemoryConnection:
         self.network: Network = network
         self.peer = peer
         self.local = local
-        self.tls: TlsInfo | None = None
+        self.tls = tls
         self.via = via
         self.id = next(_ids) if network != "udp" else 0
         self.log: FilteringBoundLogger = get_logger().bind(

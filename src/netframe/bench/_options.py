@@ -41,6 +41,9 @@ class BenchOptions:
     udp_timeout_s: float = 0.5
     client_cpus: tuple[int, ...] | None = None
     server_cpus: tuple[int, ...] | None = None
+    #: Speak TLS to the server, trusting the CAs in ``tls_ca`` (the system's when None).
+    tls: bool = False
+    tls_ca: str | None = None
 
     @property
     def effective_framing(self) -> Framing:
@@ -62,5 +65,9 @@ class BenchOptions:
         bare = self.effective_framing == "raw" and self.scenario == "greeting"
         if bare and self.pipeline > 1:
             raise BenchError("raw framing has no message boundaries: use --pipeline 1")
+        if self.tls and self.scenario == "udp":
+            raise BenchError("--tls applies to TCP and Unix scenarios, not udp")
+        if self.tls_ca is not None and not self.tls:
+            raise BenchError("--tls-ca needs --tls")
         if self.rate is not None and self.scenario not in ("greeting", "echo"):
             raise BenchError("--rate applies to the greeting and echo scenarios")

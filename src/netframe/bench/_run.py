@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import platform
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,8 @@ from netframe.bench._figures import COUNTERS, TIMELINES, figures
 from netframe.bench._histogram import Histogram
 from netframe.bench._options import BenchError, BenchOptions, Progress
 from netframe.bench._worker import STOP_SIGNAL, Job, raise_open_file_limit, worker_main
-from netframe.config import Address
+from netframe.client import tls_context
+from netframe.config import Address, ConfigError
 from netframe.loops import resolve_loop_name
 
 __all__ = ["run_bench", "spawned_server"]
@@ -136,6 +138,11 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict[s
             or a load process failed.
     """
     options.check()
+    if options.tls:  # a CA file that cannot be read is one line, before anything starts
+        try:
+            tls_context(options.tls_ca)
+        except ConfigError as exc:
+            raise BenchError(str(exc)) from None
     raise_open_file_limit(options.conns * 2 + 1024)
     if options.spawn_args is None:
         target = options.target
@@ -170,7 +177,7 @@ def _framing_for(options: BenchOptions, target: Address | str) -> BenchOptions:
         BenchError: nothing listens there, no greeting or another one comes, or the
             framing asked for cannot work: each naming what to do.
     """
-    greeting = probe_greeting(target)
+    greeting = probe_greeting(target, tls_context(options.tls_ca) if options.tls else None)
     if not greeting:
         raise BenchError(
             f"{target} sent no greeting within {_PROBE_S:g} s: the {options.scenario} "
@@ -201,28 +208,34 @@ def _framing_for(options: BenchOptions, target: Address | str) -> BenchOptions:
     return options
 
 
-def _probe_connection(target: Address | str) -> socket.socket:
+def _probe_connection(target: Address | str, tls: ssl.SSLContext | None) -> socket.socket:
     if isinstance(target, Address):
-        return socket.create_connection((target.host, target.port), timeout=_PROBE_S)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = socket.create_connection((target.host, target.port), timeout=_PROBE_S)
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.settimeout(_PROBE_S)
-        sock.connect(target)
+        if isinstance(target, str):
+            sock.settimeout(_PROBE_S)
+            sock.connect(target)
+        if tls is not None:
+            name = target.host if isinstance(target, Address) else "localhost"
+            return tls.wrap_socket(sock, server_hostname=name)
     except BaseException:
         sock.close()
         raise
     return sock
 
 
-def probe_greeting(target: Address | str) -> bytes:
+def probe_greeting(target: Address | str, tls: ssl.SSLContext | None = None) -> bytes:
     """What the server at ``target`` (an address, or a Unix socket's path) sends first,
-    read by one short connection (``b""``: nothing within a few seconds).
+    read by one short connection (``b""``: nothing within a few seconds), over TLS with
+    ``tls``.
 
     Raises:
-        BenchError: the connection is refused or fails.
+        BenchError: the connection is refused or fails (the TLS handshake included).
     """
     try:
-        with _probe_connection(target) as sock:
+        with _probe_connection(target, tls) as sock:
             received = b""
             try:
                 while len(received) < 4096 and not received.endswith(b"\n"):
@@ -253,7 +266,7 @@ def _jobs(options: BenchOptions, target: Address | str) -> list[Job]:
                 conns=conns, first_conn_id=first, pipeline=options.pipeline, size=options.size,
                 framing=options.effective_framing, rate=rate, warmup_s=options.warmup_s,
                 duration_s=options.duration_s, udp_timeout_s=options.udp_timeout_s,
-                cpus=options.client_cpus)
+                cpus=options.client_cpus, tls=options.tls, tls_ca=options.tls_ca)
         )  # fmt: skip
         first += conns
     return jobs

@@ -11,15 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import resource
 import signal
+import ssl
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection as Pipe
 from typing import Any, Final, TypeVar
 
 from netframe.bench._load import DatagramLoad, SessionLoad, StreamLoad, Tally
+from netframe.client import tls_context
 from netframe.config import Framing
 from netframe.loops import loop_factory
 
@@ -56,6 +59,9 @@ class Job:
     cpus: tuple[int, ...] | None
     #: The server's Unix socket, when it is one (``host`` and ``port`` are then unused).
     path: str | None = None
+    #: Speak TLS, trusting the CAs of ``tls_ca`` (the system's when ``None``).
+    tls: bool = False
+    tls_ca: str | None = None
 
     @property
     def target(self) -> str:
@@ -65,12 +71,22 @@ class Job:
 _Protocol = TypeVar("_Protocol", bound=asyncio.BaseProtocol)
 
 
+@functools.cache
+def _tls_context(ca: str | None) -> ssl.SSLContext:
+    """One client context per load process (made once: loading CAs is not free)."""
+    return tls_context(ca)
+
+
 async def _connect(job: Job, factory: Callable[[], _Protocol]) -> tuple[Any, _Protocol]:
-    """One stream connection to the job's server, TCP or Unix."""
+    """One stream connection to the job's server, TCP or Unix, over TLS with ``job.tls``
+    (the loop's own TLS transport: the load pays for TLS as the server does)."""
     loop = asyncio.get_running_loop()
+    options: dict[str, Any] = {}
+    if job.tls:
+        options = {"ssl": _tls_context(job.tls_ca), "server_hostname": job.host or "localhost"}
     if job.path is not None:
-        return await loop.create_unix_connection(factory, job.path)
-    return await loop.create_connection(factory, job.host, job.port)
+        return await loop.create_unix_connection(factory, job.path, **options)
+    return await loop.create_connection(factory, job.host, job.port, **options)
 
 
 def raise_open_file_limit(wanted: int) -> int:

@@ -139,6 +139,18 @@ def add_bench_parser(commands: Any, address: Any, positive_int: Any, positive_fl
         type=_cpus,
         help="pin a spawned server to these CPUs (default: not pinned)",
     )
+    bench.add_argument(
+        "--tls",
+        action="store_true",
+        help="speak TLS to the server (TCP and Unix scenarios), checking its certificate "
+        "against the HOST of --target (localhost for a Unix socket) (default: off)",
+    )
+    bench.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="trust the CA certificates in this PEM file for the server's certificate "
+        "(default: the system's CAs)",
+    )
     _add_outputs(bench)
     bench.add_argument(
         "--no-progress", action="store_true", help="no live progress bar (default: off)"
@@ -199,6 +211,8 @@ def _bench(args: argparse.Namespace) -> int:
         udp_timeout_s=args.udp_timeout_s,
         client_cpus=args.client_cpus,
         server_cpus=args.server_cpus,
+        tls=args.tls,
+        tls_ca=args.tls_ca,
     )
     try:
         options.check()

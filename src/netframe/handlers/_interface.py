@@ -108,11 +108,15 @@ PeerAddress = InetAddress | UnixAddress
 class TlsInfo:
     """What a TLS connection negotiated: ``conn.tls``, ``None`` on a plain connection."""
 
+    #: The protocol version, as :meth:`ssl.SSLSocket.version` names it: ``"TLSv1.3"``.
     version: str
+    #: The cipher suite's OpenSSL name: ``"TLS_AES_256_GCM_SHA384"``.
     cipher: str
     #: The client's certificate as :meth:`ssl.SSLSocket.getpeercert` gives it, when the
-    #: server asked for one and the client sent it.
+    #: server asked for one (``--tls-client-ca``) and the client sent it.
     peer_certificate: dict[str, Any] | None = None
+    #: The server name the client asked for (SNI), if it named one.
+    server_name: str | None = None
 
 
 class CloseReason(enum.StrEnum):
@@ -175,8 +179,8 @@ class Connection(Protocol):
 
     @property
     def tls(self) -> TlsInfo | None:
-        """What TLS negotiated, or ``None`` for a plain connection (always ``None``
-        until netframe serves TLS)."""
+        """What TLS negotiated, or ``None`` for a plain connection (and always over
+        UDP)."""
         ...
 
     @property
