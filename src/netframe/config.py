@@ -181,6 +181,7 @@ def _addresses(value: Sequence[str | Address] | None) -> tuple[Address, ...]:
 
 
 Kind: TypeAlias = Literal[
+    "address",
     "addresses",
     "ports",
     "paths",
@@ -218,7 +219,8 @@ class Setting:
     why: str
     #: What values are allowed: ``count`` (whole number >= 1), ``count0`` (>= 0, 0 = off),
     #: ``seconds`` (> 0), ``seconds0`` (>= 0, 0 = off), ``auto_count`` (``auto`` or a
-    #: count), ``choice``, ``text``, ``mode`` (an octal file mode), and ``addresses``,
+    #: count), ``choice``, ``text``, ``mode`` (an octal file mode), ``address`` (one
+    #: ``HOST:PORT``, or none: off), and ``addresses``,
     #: ``ports``, ``paths`` and ``networks`` (IP addresses or networks) (repeatable).
     kind: Kind
     choices: tuple[str, ...] = ()
@@ -233,7 +235,7 @@ class Setting:
             ConfigError: a one-line reason naming the value and what was expected.
         """
         kind = self.kind
-        if kind == "addresses":
+        if kind in ("address", "addresses"):
             return parse_address(text)
         if kind == "ports":
             return _whole(text, 1, 65535)
@@ -296,6 +298,9 @@ class Setting:
             for network in value:
                 if not isinstance(network, ipaddress.IPv4Network | ipaddress.IPv6Network):
                     raise ConfigError(f"{name} must hold IP addresses or networks, not {network!r}")
+        elif kind == "address":
+            if value is not None and not isinstance(value, Address):
+                raise ConfigError(f"{name} must be an address like 127.0.0.1:9100, not {value!r}")
         elif kind == "ports":
             for port in value:
                 if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
@@ -611,6 +616,15 @@ class Config:
         "a balancer sends the header at once; the specification asks for at least 3 s so "
         "a lost first segment can be retransmitted", "seconds", metavar="SECONDS",
     )  # fmt: skip
+    metrics: str | Address | None = _setting(
+        None, "--metrics",
+        "serve Prometheus metrics over HTTP at this address, path /metrics (needs the "
+        "metrics extra: pip install 'netframe[metrics]'); with workers the supervisor "
+        "serves the sum of all of them",
+        "off: the figures are for the operators only, so where they are served must be "
+        "chosen (a private interface or loopback; 9100 is node_exporter's port, so "
+        "another, such as 9109)", "address", metavar="HOST:PORT",
+    )  # fmt: skip
 
     # The listen addresses, parsed from `tcp` and `udp` with the default set applied.
     tcp_addresses: tuple[Address, ...] = dataclasses.field(init=False)
@@ -632,6 +646,8 @@ class Config:
         object.__setattr__(self, "log_level", str(self.log_level).lower())
         object.__setattr__(self, "udp_allow_ports", tuple(self.udp_allow_ports))
         object.__setattr__(self, "proxy_allow", _networks(self.proxy_allow))
+        if isinstance(self.metrics, str):
+            object.__setattr__(self, "metrics", parse_address(self.metrics))
         for name, setting in _SETTINGS.items():
             setting.check(name, getattr(self, name))
         try:
@@ -653,6 +669,11 @@ class Config:
                 "write_buffer_low_bytes (--write-buffer-low) must not be above "
                 "write_buffer_high_bytes (--write-buffer)"
             )
+
+    @property
+    def metrics_address(self) -> Address | None:
+        """Where ``metrics`` are served (``None``: off), as an :class:`Address`."""
+        return self.metrics if isinstance(self.metrics, Address) else None
 
     @property
     def listeners_given(self) -> bool:
@@ -707,6 +728,8 @@ def default_text(name: str) -> str:
     setting = _SETTINGS[name]
     value = _DEFAULTS[name]
     if value is None:
+        if setting.kind == "address":
+            return "off"
         return "auto" if setting.kind == "auto_count" else "127.0.0.1:9999 (TCP and UDP)"
     if setting.kind == "mode":
         return f"{value:04o}"
