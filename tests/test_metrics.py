@@ -247,6 +247,7 @@ def test_refusals_and_closes_show_under_their_reasons(
             assert recv_until_closed(fourth) == b"Error: too many connections\n"
         page = scrape(page_port)
         assert value(page, "netframe_connections_open", transport="tcp") == 3
+        assert value(page, "netframe_connections_max") == 3
         # The three held connections are left silent: the idle timeout closes them.
         for sock in held:
             assert recv_until_closed(sock) == b""

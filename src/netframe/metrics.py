@@ -53,6 +53,9 @@ class Family:
 FAMILIES: Final[tuple[Family, ...]] = (
     Family("netframe_connections_open", "gauge", ("transport",),
            "Stream connections open now (tcp, unix)."),
+    Family("netframe_connections_max", "gauge", (),
+           "The stream connection cap in force (max_connections, auto resolved); with "
+           "workers, the sum of the workers' caps."),
     Family("netframe_connections_total", "counter", ("transport",),
            "Stream connections accepted and served; refused ones are not counted here."),
     Family("netframe_connections_closed_total", "counter", ("transport", "reason"),
@@ -141,6 +144,8 @@ def snapshot(
             figures[3] += conn.messages_in
             figures[4] += conn.messages_out
     values: Snapshot = {}
+    if "tcp" in transports or "unix" in transports:
+        values["netframe_connections_max", ()] = ctx.max_connections
     counters = ctx.counters
     for network, totals in (("tcp", counters.tcp), ("unix", counters.unix)):
         if network not in transports and not totals.connections:
