@@ -183,6 +183,7 @@ def test_every_setting_is_reachable_from_the_file_and_the_environment(tmp_path: 
         "proxy_allow": '["10.0.0.0/8", "192.0.2.7"]', "proxy_timeout_s": "2",
         "tls_cert": '"/etc/tls/cert.pem"', "tls_key": '"/etc/tls/key.pem"',
         "tls_client_ca": '"/etc/tls/ca.pem"', "tls_handshake_timeout_s": "3",
+        "metrics": '"127.0.0.1:9109"',
     }  # fmt: skip
     assert set(file_values) == set(settings())  # a new setting must be added here
     from_file = Config.load(
@@ -214,6 +215,8 @@ def test_every_setting_is_reachable_from_the_file_and_the_environment(tmp_path: 
         ("unix_mode = 660", "unix_mode: must be a file mode from 0o000 to 0o777, not 0o1224"),
         ('proxy_allow = ["10.0.0.1/8"]', "proxy_allow: '10.0.0.1/8' has host bits set"),
         ("proxy_allow = [10]", "proxy_allow: must hold IP addresses or networks, not 10"),
+        ('metrics = "9109"', "metrics: malformed address '9109': expected HOST:PORT"),
+        ("metrics = 9109", "metrics: must be an address like 127.0.0.1:9100, not 9109"),
         ("tcp = [", "netframe.toml: not valid TOML"),
     ],
 )

@@ -193,17 +193,19 @@ requires_haproxy = pytest.mark.skipif(
 
 
 @requires_haproxy
-def test_the_haproxy_configuration_in_deployment_md_is_valid(tmp_path: Path) -> None:
+def test_the_haproxy_configurations_in_deployment_md_are_valid(tmp_path: Path) -> None:
     binary = haproxy_binary()
     assert binary is not None
-    [block] = re.findall(r"```haproxy\n(.*?)```", DEPLOYMENT.read_text(), re.DOTALL)
-    assert "send-proxy-v2" in block
-    config = tmp_path / "haproxy.cfg"
-    config.write_text(block)
-    done = subprocess.run(
-        [binary, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    blocks = re.findall(r"```haproxy\n(.*?)```", DEPLOYMENT.read_text(), re.DOTALL)
+    assert len(blocks) == 2  # one machine's balancer, then several machines'
+    for number, block in enumerate(blocks):
+        assert "send-proxy-v2" in block
+        config = tmp_path / f"haproxy{number}.cfg"
+        config.write_text(block)
+        done = subprocess.run(
+            [binary, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
 
 
 @requires_haproxy

@@ -169,6 +169,8 @@ class ProxyGate(asyncio.Protocol):
 
     def _reject(self, reason: str, error: str, peer: str | None = None) -> None:
         self._finish()
+        rejected = self._gates.ctx.counters.proxy_rejected  # metrics
+        rejected[reason] = rejected.get(reason, 0) + 1
         self._gates.ctx.log.warning(
             REJECTED_EVENT, transport="tcp", peer=peer or format_peer(self._peer),
             reason=reason, error=error,

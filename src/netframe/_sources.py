@@ -83,7 +83,8 @@ def _file_value(setting: Setting, value: Any) -> Any:
         items = value if isinstance(value, list) else [value]
         return tuple(setting.parse(item) if isinstance(item, str) else item for item in items)
     if isinstance(value, str) and (
-        setting.kind in ("choice", "pluggable", "mode") or value.strip().lower() == "auto"
+        setting.kind in ("choice", "pluggable", "mode", "address")
+        or value.strip().lower() == "auto"
     ):
         return setting.parse(value)
     return value

@@ -25,16 +25,19 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
 from netframe._errors import Error
+from netframe._metrics_http import MetricsThread, bind_metrics
 from netframe._reuseport import Listeners, bind_groups, share
-from netframe._worker import FORCE, RELOAD, STOP, WorkerSpec, worker_main
+from netframe._worker import FORCE, METRICS, RELOAD, STOP, WorkerSpec, worker_main
 from netframe.config import Config, ConfigError
 from netframe.logs import configure_logging, flush_logs, get_logger, lifecycle_logger
 from netframe.loops import loop_factory, loop_lacks
+from netframe.metrics import WorkerTotals
 from netframe.server import (
     EXIT_FORCED,
     Server,
     StartError,
     failure_reason,
+    listen_error,
     listener_kind,
     log_handover,
 )
@@ -54,6 +57,10 @@ MAX_QUICK_DEATHS: Final = 5
 #: How long past the shutdown timeout the supervisor waits for a stopping worker before
 #: it kills it (a worker stuck in a handler that never yields).
 KILL_GRACE_S: Final = 5.0
+#: How often the supervisor asks each worker for its counters when --metrics is on: the
+#: page is at most this old, and a worker killed outright takes at most this much of
+#: its counting with it.
+METRICS_POLL_S: Final = 1.0
 
 _STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 #: Passed on to every worker, which reloads its TLS files.
@@ -98,6 +105,7 @@ class _Slot:
     quick_deaths: int = 0
     restart_at: float | None = None
     died_at: float | None = None  # when the previous process's exit was seen
+    asked: bool = False  # asked for its counters, not answered yet (one at a time)
 
 
 class Supervisor:
@@ -122,6 +130,12 @@ class Supervisor:
         self._kill_at: float | None = None
         self._status = 0
         self._error: Error | None = None
+        # --metrics: the workers' counters, added up and served by a thread of its own.
+        self._totals = WorkerTotals()
+        self._metrics: MetricsThread | None = None
+        self._metrics_at = 0.0
+        # Workers never serve the page themselves: the supervisor asks them instead.
+        self._worker_config = config.replace(metrics=None) if config.metrics else config
 
     def run(self) -> int:
         config = self._config
@@ -133,6 +147,7 @@ class Supervisor:
         log_handover(handover, config)
         count = len(self._slots)
         try:
+            self._serve_metrics()
             if handover.sockets:  # the socket unit's sockets, each shared by every worker
                 self._listeners = share([each.sock for each in handover.sockets], count)
             else:
@@ -153,6 +168,8 @@ class Supervisor:
         finally:
             self._close_sockets()
             self._kill_all()  # only after a bug here: every path above reaps its workers
+            if self._metrics is not None:
+                self._metrics.stop()
             self._selector.close()
             flush_logs()
         if self._error is not None:
@@ -185,6 +202,8 @@ class Supervisor:
             due.append(self._kill_at)
         if self._watchdog is not None:
             due.append(self._watchdog_at)
+        if self._metrics is not None and not self._stopping:
+            due.append(self._metrics_at)
         return max(0.0, min(due) - time.monotonic()) if due else None
 
     def _run_timers(self) -> None:
@@ -204,12 +223,37 @@ class Supervisor:
             notify, interval_s = self._watchdog
             notify.watchdog()
             self._watchdog_at = now + interval_s
+        if self._metrics is not None and not self._stopping and now >= self._metrics_at:
+            self._metrics_at = now + METRICS_POLL_S
+            for slot in self._slots:
+                # Only one question in flight per worker: a few bytes in its pipe at most,
+                # so neither side can ever block on the other's full pipe.
+                if slot.ready_at is not None and slot.link is not None and not slot.asked:
+                    slot.asked = True
+                    self._send(slot, METRICS)
+
+    # -- metrics -------------------------------------------------------------------------
+
+    def _serve_metrics(self) -> None:
+        """Serve the workers' summed counters at ``--metrics`` from a thread."""
+        address = self._config.metrics_address
+        if address is None:
+            return
+        try:
+            sock = bind_metrics(address)
+        except OSError as exc:
+            raise listen_error("metrics", address, exc) from None
+        host, port = sock.getsockname()[:2]
+        self._metrics = MetricsThread(sock, self._totals.total)
+        self._metrics.start()
+        lifecycle_logger().info("metrics_listening", host=host, port=port, path="/metrics")
 
     # -- workers -------------------------------------------------------------------------
 
     def _spawn(self, slot: _Slot) -> None:
         ours, theirs = self._context.Pipe()
-        spec = WorkerSpec(slot.index, self._config, self._listeners.for_worker(slot.index), theirs)
+        sockets = self._listeners.for_worker(slot.index)
+        spec = WorkerSpec(slot.index, self._worker_config, sockets, theirs)
         process = self._context.Process(
             target=worker_main, args=(spec,), name=f"netframe-worker-{slot.index}", daemon=True
         )
@@ -236,6 +280,7 @@ class Supervisor:
         now = time.monotonic()
         slot.process, slot.link, slot.pid = process, ours, process.pid
         slot.spawned_at, slot.ready_at, slot.failure = now, None, None
+        slot.asked = False
         self._selector.register(process.sentinel, selectors.EVENT_READ, lambda: self._exited(slot))
         self._selector.register(ours, selectors.EVENT_READ, lambda: self._message(slot))
         self._log.info("worker_started", index=slot.index, pid=process.pid)
@@ -256,6 +301,9 @@ class Supervisor:
             slot.failure = rest[0]
         elif kind == "ready":
             self._ready(slot)
+        elif kind == "metrics":
+            slot.asked = False
+            self._totals.update(slot.index, slot.pid or 0, rest[0])
         return True
 
     def _ready(self, slot: _Slot) -> None:
@@ -293,6 +341,8 @@ class Supervisor:
         code = process.exitcode
         process.close()
         slot.process = slot.link = None
+        # Its counters stay in the sum: a counter never goes down (netframe.metrics).
+        self._totals.retire(slot.index)
         self._died(slot, code)
 
     def _died(self, slot: _Slot, code: int | None) -> None:
@@ -332,6 +382,7 @@ class Supervisor:
             return
         delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (slot.quick_deaths - 1)) if quick else 0
         slot.restart_at = now + delay
+        self._totals.restarts += 1
         slot.died_at = now
         self._log.warning("worker_exited", **fields, restart_in_s=delay)
 

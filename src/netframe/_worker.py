@@ -24,12 +24,14 @@ from netframe.logs import configure_logging, flush_logs, get_logger
 from netframe.loops import loop_factory, resolve_loop_name
 from netframe.server import Server, StartError, StopRequests, serve_until_signal
 
-__all__ = ["FORCE", "RELOAD", "STOP", "WorkerSpec", "worker_main"]
+__all__ = ["FORCE", "METRICS", "RELOAD", "STOP", "WorkerSpec", "worker_main"]
 
 # The supervisor's commands to a worker, over the worker's pipe.
 STOP: Final = b"stop"
 FORCE: Final = b"force"
 RELOAD: Final = b"reload"
+#: "Send me your counters": answered with ("metrics", Server.metrics()) (--metrics).
+METRICS: Final = b"metrics"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,7 +58,7 @@ def worker_main(spec: WorkerSpec) -> None:
     link = _SupervisorLink(spec.link)
     status = 0
     try:
-        server = Server(config, sockets=spec.sockets)
+        server = link.server = Server(config, sockets=spec.sockets)
         with asyncio.Runner(loop_factory=loop_factory(config.loop)) as runner:
             runner.run(
                 serve_until_signal(
@@ -85,6 +87,7 @@ class _SupervisorLink:
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
+        self.server: Server | None = None
 
     def attach(self, requests: StopRequests) -> None:
         loop = asyncio.get_running_loop()
@@ -105,6 +108,12 @@ class _SupervisorLink:
             return
         if command == RELOAD:
             requests.reload(by="supervisor")
+        elif command == METRICS:
+            try:
+                values = self.server.metrics() if self.server is not None else {}
+            except LookupError:  # not started yet: nothing counted
+                values = {}
+            self._send(("metrics", values))  # always answered: the supervisor waits for it
         elif command == FORCE:
             requests.force(by="supervisor")
         else:

@@ -191,6 +191,7 @@ def _addresses(value: Sequence[str | Address] | None) -> tuple[Address, ...]:
 
 
 Kind: TypeAlias = Literal[
+    "address",
     "addresses",
     "ports",
     "paths",
@@ -230,7 +231,7 @@ class Setting:
     #: What values are allowed: ``count`` (whole number >= 1), ``count0`` (>= 0, 0 = off),
     #: ``seconds`` (> 0), ``seconds0`` (>= 0, 0 = off), ``auto_count`` (``auto`` or a
     #: count), ``choice``, ``text``, ``file`` (a path, or none), ``mode`` (an octal file
-    #: mode), and ``addresses``,
+    #: mode), ``address`` (one ``HOST:PORT``, or none: off), and ``addresses``,
     #: ``ports``, ``paths`` and ``networks`` (IP addresses or networks) (repeatable).
     kind: Kind
     choices: tuple[str, ...] = ()
@@ -245,7 +246,7 @@ class Setting:
             ConfigError: a one-line reason naming the value and what was expected.
         """
         kind = self.kind
-        if kind == "addresses":
+        if kind in ("address", "addresses"):
             return parse_address(text)
         if kind == "ports":
             return _whole(text, 1, 65535)
@@ -313,6 +314,9 @@ class Setting:
             for network in value:
                 if not isinstance(network, ipaddress.IPv4Network | ipaddress.IPv6Network):
                     raise ConfigError(f"{name} must hold IP addresses or networks, not {network!r}")
+        elif kind == "address":
+            if value is not None and not isinstance(value, Address):
+                raise ConfigError(f"{name} must be an address like 127.0.0.1:9100, not {value!r}")
         elif kind == "ports":
             for port in value:
                 if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
@@ -656,6 +660,15 @@ class Config:
         "connections that never finish cannot pile up (asyncio's own default is 60 s; "
         "Go's HTTP client allows 10 s)", "seconds", metavar="SECONDS",
     )  # fmt: skip
+    metrics: str | Address | None = _setting(
+        None, "--metrics",
+        "serve Prometheus metrics over HTTP at this address, path /metrics (needs the "
+        "metrics extra: pip install 'netframe[metrics]'); with workers the supervisor "
+        "serves the sum of all of them",
+        "off: the figures are for the operators only, so where they are served must be "
+        "chosen (a private interface or loopback; 9100 is node_exporter's port, so "
+        "another, such as 9109)", "address", metavar="HOST:PORT",
+    )  # fmt: skip
 
     # The listen addresses, parsed from `tcp` and `udp` with the default set applied.
     tcp_addresses: tuple[Address, ...] = dataclasses.field(init=False)
@@ -680,6 +693,8 @@ class Config:
         for name in ("tls_cert", "tls_key", "tls_client_ca"):  # a pathlib.Path as its text
             if isinstance(getattr(self, name), os.PathLike):
                 object.__setattr__(self, name, os.fspath(getattr(self, name)))
+        if isinstance(self.metrics, str):
+            object.__setattr__(self, "metrics", parse_address(self.metrics))
         for name, setting in _SETTINGS.items():
             setting.check(name, getattr(self, name))
         try:
@@ -704,6 +719,11 @@ class Config:
                 "write_buffer_low_bytes (--write-buffer-low) must not be above "
                 "write_buffer_high_bytes (--write-buffer)"
             )
+
+    @property
+    def metrics_address(self) -> Address | None:
+        """Where ``metrics`` are served (``None``: off), as an :class:`Address`."""
+        return self.metrics if isinstance(self.metrics, Address) else None
 
     @property
     def listeners_given(self) -> bool:
@@ -760,6 +780,8 @@ def default_text(name: str) -> str:
     if value is None:
         if setting.kind == "file":
             return "none"
+        if setting.kind == "address":
+            return "off"
         return "auto" if setting.kind == "auto_count" else "127.0.0.1:9999 (TCP and UDP)"
     if setting.kind == "mode":
         return f"{value:04o}"

@@ -40,6 +40,7 @@ from netframe._build import BUILD
 from netframe._datagram import open_datagram_endpoint, serve_datagram_socket
 from netframe._endpoint import TICK_S, EndpointContext
 from netframe._errors import Error
+from netframe._metrics_http import bind_metrics, serve_metrics
 from netframe._proxy_gate import ProxyGates
 from netframe._tls import TlsGates, server_context
 from netframe._unix import FileIdentity, bind_unix_listener, remove_socket_file, unix_address
@@ -49,6 +50,7 @@ from netframe.handlers import HandlerError, resolve_handler
 from netframe.limits import connection_budget
 from netframe.logs import configure_logging, flush_logs, get_logger, lifecycle_logger
 from netframe.loops import EOF_BEFORE_CLOSE, loop_factory, loop_lacks, resolve_loop_name
+from netframe.metrics import Snapshot, require, snapshot
 from netframe.systemd import Handover, take
 from netframe.tcp import BufferedTcpEndpoint, TcpEndpoint
 from netframe.udp import UdpEndpoint
@@ -138,8 +140,13 @@ class Server:
         # Loaded now, so that a missing or wrong file is a usage error before anything
         # is bound (and, with workers, before any worker starts).
         self._tls_context = server_context(config) if config.tls_cert is not None else None
+        if config.metrics_address is not None:
+            require()  # prometheus-client, before anything is bound
         self._log = get_logger()
         self._ctx: EndpointContext | None = None
+        # The metrics page (--metrics), served on the server's own loop.
+        self._metrics_server: asyncio.Server | None = None
+        self._metrics_bound: tuple[str, int] | None = None
         # Connections waiting for their PROXY header, when the protocol is on.
         self._proxy_gates: ProxyGates | None = None
         # Connections in their TLS handshake, and the context in force, with TLS on.
@@ -178,6 +185,25 @@ class Server:
         raise LookupError(f"no {transport} listener is bound")
 
     @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """The ``(host, port)`` the metrics page is served on (port 0 resolved), or
+        ``None`` when ``metrics`` is off or the server is not started."""
+        return self._metrics_bound
+
+    def metrics(self) -> Snapshot:
+        """What the server has counted since it started, one value per series, as the
+        metrics page shows it (see :mod:`netframe.metrics`): for instance
+        ``metrics()["netframe_connections_total", ("tcp",)]``. Read it on the server's
+        loop. Works whether or not ``metrics`` serves a page.
+
+        Raises:
+            LookupError: the server is not started.
+        """
+        if self._ctx is None:
+            raise LookupError("the server is not started")
+        return snapshot(self._ctx, {bound.transport for bound in self._addresses})
+
+    @property
     def connection_count(self) -> int:
         """How many stream connections (TCP and Unix) are open now."""
         return len(self._ctx.connections) if self._ctx else 0
@@ -214,6 +240,8 @@ class Server:
             if self._stopped:  # close() came while on_start ran: bind nothing, undo it
                 await self._stop_hook()
                 return
+            if self.config.metrics_address is not None:  # first: it logs nothing on failure
+                await self._serve_metrics(self.config.metrics_address)
             if self._given is not None:
                 for kind, sock in self._given:
                     await self._adopt(ctx, kind, sock)
@@ -226,6 +254,7 @@ class Server:
                     await self._listen_unix(ctx, path)
         except BaseException:
             self._close_listeners()
+            self._close_metrics()
             for _, sock in self._given or ():  # those not served yet (closing twice is fine)
                 sock.close()
             self._addresses.clear()
@@ -321,6 +350,7 @@ class Server:
         for endpoint in self._udp_endpoints:
             endpoint.flush_summaries(final=True)
         await self._stop_hook()
+        self._close_metrics()  # last: the page is served while connections drain
         self._log.info(
             "shutdown_finished",
             closed=len(at_stop) - aborted,
@@ -527,7 +557,7 @@ class Server:
             factory = self._tls_gates.factory(network)
         if self._proxy_gates is not None and network == "tcp":  # the header, then the endpoint
             factory = self._proxy_gates.factory(make_endpoint, buffered=standard)
-        sock.on_shed = lambda: ctx.refused("no_file_descriptors")
+        sock.on_shed = lambda: ctx.refused("no_file_descriptors", 1, network)
         try:
             if standard:
                 server = await loop.create_server(factory, sock=sock, backlog=backlog)
@@ -593,6 +623,26 @@ class Server:
     def _tls_field(self) -> dict[str, bool]:
         """``tls=True`` in a stream listener's ``listening`` line when it serves TLS."""
         return {"tls": True} if self._tls_context is not None else {}
+
+    async def _serve_metrics(self, address: Address) -> None:
+        """Serve the metrics page on this loop (``--metrics``)."""
+        try:
+            sock = bind_metrics(address)
+        except OSError as exc:
+            raise listen_error("metrics", address, exc) from None
+        host, port = sock.getsockname()[:2]
+        try:
+            self._metrics_server = await serve_metrics(sock, self.metrics)
+        except BaseException:
+            sock.close()
+            raise
+        self._metrics_bound = (host, port)
+        lifecycle_logger().info("metrics_listening", host=host, port=port, path="/metrics")
+
+    def _close_metrics(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
 
     def _bound(self, transport: str, sock: Any, **fields: Any) -> None:
         name = sock.getsockname()

@@ -357,6 +357,11 @@ class TcpEndpoint:
             self.close_reason = _RESET
         elif self.close_reason is None:
             self.close_reason = _PEER_CLOSED
+        # Metrics: the connection's counters join its transport's totals, once.
+        counters = ctx.counters
+        (counters.unix if self.network == "unix" else counters.tcp).fold(
+            self.bytes_in, self.bytes_out, self.messages_in, self.messages_out, self.close_reason
+        )
         if self._framer_timer is not None:
             self._framer_timer.cancel()
         if self._task is not None:
@@ -761,7 +766,7 @@ class TcpEndpoint:
         if transport is not None:
             transport.write(self._framer.encode(reply, LF))
             self._end(transport)
-        self._ctx.refused(reason.value)
+        self._ctx.refused(reason.value, 1, self.network)
 
     def _refuse_undecodable(self) -> None:
         self._undecodable += 1

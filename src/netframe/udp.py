@@ -169,6 +169,9 @@ class UdpEndpoint:
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         ctx = self.ctx
+        totals = ctx.counters.udp  # metrics
+        totals.received += 1
+        totals.bytes_in += len(data)
         if len(data) > self._max_bytes:
             self._drop("too_large", addr, size=len(data))
             return
@@ -234,6 +237,10 @@ class UdpEndpoint:
                 transport.sendto(data, addr)
             except BlockingIOError:  # a transport that does not queue: the buffer is full
                 self._drop("send_paused", addr)
+                return
+            totals = self.ctx.counters.udp  # metrics
+            totals.sent += 1
+            totals.bytes_out += len(data)
 
     def prune(self) -> None:
         """Forget rate-limit state that no longer matters (called by the server's tick)."""
@@ -264,6 +271,7 @@ class UdpEndpoint:
         Any sender, forged or not, can trigger one, so a flood of them must not become a
         flood of tracebacks.
         """
+        self.ctx.counters.udp.drop(HANDLER_ERROR_EVENT)  # metrics
         total = self._summary.add(HANDLER_ERROR_EVENT, self.ctx.now)
         if total is not None:
             self.log.exception(
@@ -274,6 +282,7 @@ class UdpEndpoint:
         """Count a datagram that gets no answer; summarise at most once a second a reason."""
         if self.ctx.debug:
             self.log.debug("datagram_dropped", reason=reason, peer=format_peer(addr), **fields)
+        self.ctx.counters.udp.drop(reason)  # metrics
         total = self._summary.add(reason, self.ctx.now)
         if total is not None:
             self.log.warning(DROPPED_EVENT, reason=reason, dropped=total)
