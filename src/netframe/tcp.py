@@ -476,7 +476,12 @@ class TcpEndpoint:
         else:
             terminator = self._framer.push_terminator  # a push: answers no message
         encode = self._encode
-        data = message + terminator if encode is None else encode(message, terminator)
+        if encode is not None:
+            data = encode(message, terminator)
+        elif terminator or type(message) is not bytes:  # a bytes-like copied, never kept
+            data = message + terminator
+        else:
+            data = message  # a bare or raw reply: no copy
         if batch is not None:
             batch.append(data)
         else:
