@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
-import uvloop
 from conftest import (
     REPLY_TIMEOUT_S,
     CliServer,
@@ -138,13 +137,11 @@ async def test_the_handler_and_the_logs_see_the_client_the_header_names(
             writer.write(b"two\n")  # later reads go straight to the endpoint
             assert await read_line(reader) == f"{client[0]} two\n".encode()
             proxy_port = writer.get_extra_info("sockname")[1]
-            uv = isinstance(asyncio.get_running_loop(), uvloop.Loop)
     [conn] = seen.connections
     assert conn["peer"] == InetAddress(*client)
     assert conn["local"] == InetAddress(*frontend)
     assert conn["via"] == InetAddress("127.0.0.1", proxy_port)
-    # On the standard loop the endpoint handed over to is the buffered one.
-    assert conn["type"] == ("TcpEndpoint" if uv else "BufferedTcpEndpoint")
+    assert conn["type"] == "TcpEndpoint"
     peer = str(InetAddress(*client))
     assert [e["peer"] for e in events(logs, "connection_opened")] == [peer]
     assert [e["peer"] for e in events(logs, "connection_closed")] == [peer]

@@ -565,7 +565,6 @@ async def test_length_framing_frames_the_greeting_replies_and_refusals() -> None
 
 @pytest.mark.asyncio
 async def test_many_connections_reading_at_once_never_mix_their_bytes() -> None:
-    # On the standard loop every connection reads through one shared buffer.
     async with serving(handler="echo", framing="raw", max_line_bytes=1 << 20, **TCP_ONLY) as server:
 
         async def echo(index: int) -> bytes:
@@ -579,6 +578,30 @@ async def test_many_connections_reading_at_once_never_mix_their_bytes() -> None:
         results = await asyncio.gather(*(echo(i) for i in range(1, 21)))
     assert [set(result) for result in results] == [{i} for i in range(1, 21)]
     assert {len(result) for result in results} == {300_000}
+
+
+@pytest.mark.asyncio
+async def test_the_standard_loop_reads_at_most_64_kib_at_a_time() -> None:
+    # Its own 256 KiB reads can cost a page mapping each (cpython#85451); uvloop reads
+    # into a buffer of its own, made once.
+    if not isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop):
+        pytest.skip("only the standard loop allocates a bytes of transport.max_size per read")
+    sizes: list[int] = []
+
+    class Sizes(Handler):
+        text = False
+
+        def on_message(self, conn: Connection, message: bytes) -> None:
+            sizes.append(len(message))
+            if sum(sizes) == 1_000_000:
+                conn.send(b"done")
+
+    async with serving(handler=Sizes, framing="raw", max_line_bytes=1 << 20, **TCP_ONLY) as server:
+        reader, writer = await connect(server)
+        writer.write(b"x" * 1_000_000)
+        assert await asyncio.wait_for(reader.readexactly(4), 30) == b"done"
+        writer.close()
+    assert max(sizes) <= 64 * 1024
 
 
 # -- user framers, wrapped for the compiled endpoint (netframe.framing.ForeignFramer) -------

@@ -318,14 +318,18 @@ class EndpointContext:
         self.max_connections = 2**31
         # The coarse clock (loop time), advanced every TICK_S by the server.
         self.now = 0.0
-        # The read buffer every BufferedTcpEndpoint of the server reads into, in turn.
+        # The read buffer every TLS connection of the server reads into, in turn (_tls).
         self.read_buffer = memoryview(bytearray(READ_BUFFER_BYTES))
         # Bytes the loop's transport reads per recv() for a plain Protocol, when the
         # server sets it (the standard loop, see Server._serve_stream); 0: the loop's own.
         self.read_size = 0
         # Connections opened since the last tick: their first deadline check enters the
         # wheel at the tick, so a connection that closes before it never touches the wheel.
-        self.arrivals: list[TcpEndpoint] = []
+        # A dict (kept in order), so that one that closes leaves it at once: held here
+        # until the tick, a short session's objects would outlive two collections of the
+        # garbage collector and be moved to its oldest generation, which is then scanned
+        # in full far more often.
+        self.arrivals: dict[TcpEndpoint, None] = {}
         # Connections waiting for their next deadline check.
         self.wheel: DeadlineWheel[TcpEndpoint] = DeadlineWheel(TICK_S)
         # async on_disconnect calls still running; a stopping server waits for them.

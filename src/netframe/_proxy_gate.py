@@ -41,9 +41,9 @@ from netframe.proxy import (
     TrustedProxies,
     Versions,
 )
-from netframe.tcp import BufferedTcpEndpoint, TcpEndpoint
+from netframe.tcp import TcpEndpoint
 
-__all__ = ["REJECTED_EVENT", "BufferedProxyGate", "ProxyGate", "ProxyGates"]
+__all__ = ["REJECTED_EVENT", "ProxyGate", "ProxyGates"]
 
 REJECTED_EVENT: Final = "proxy_header_rejected"
 
@@ -62,13 +62,9 @@ class ProxyGates:
         #: Connections whose header has not arrived yet.
         self.waiting: set[ProxyGate] = set()
 
-    def factory(
-        self, make_endpoint: Callable[[], TcpEndpoint | BufferedTcpEndpoint], *, buffered: bool
-    ) -> Callable[[], ProxyGate]:
-        """The listener's protocol factory: a gate in front of each endpoint
-        (``buffered``: reading as ``BufferedTcpEndpoint`` does, on the standard loop)."""
-        gate = BufferedProxyGate if buffered else ProxyGate
-        return lambda: gate(self, make_endpoint)
+    def factory(self, make_endpoint: Callable[[], TcpEndpoint]) -> Callable[[], ProxyGate]:
+        """The listener's protocol factory: a gate in front of each endpoint."""
+        return lambda: ProxyGate(self, make_endpoint)
 
     def close_all(self) -> None:
         """The server is stopping: connections still waiting for a header have no
@@ -82,9 +78,7 @@ class ProxyGate(asyncio.Protocol):
 
     __slots__ = ("_done", "_gates", "_make_endpoint", "_peer", "_reader", "_timer", "_transport")
 
-    def __init__(
-        self, gates: ProxyGates, make_endpoint: Callable[[], TcpEndpoint | BufferedTcpEndpoint]
-    ) -> None:
+    def __init__(self, gates: ProxyGates, make_endpoint: Callable[[], TcpEndpoint]) -> None:
         self._gates = gates
         self._make_endpoint = make_endpoint
         self._reader = HeaderReader(gates.versions)
@@ -97,6 +91,8 @@ class ProxyGate(asyncio.Protocol):
         transport: asyncio.Transport = base  # type: ignore[assignment]
         self._transport = transport
         gates = self._gates
+        if gates.ctx.read_size:  # the standard loop's read size, as the endpoint's
+            transport.max_size = gates.ctx.read_size  # type: ignore[attr-defined]
         if gates.ctx.stopping:
             self._done = True
             transport.close()
@@ -187,8 +183,7 @@ class ProxyGate(asyncio.Protocol):
             proxied = None if client is None else (client, _proxied(header.destination), self._peer)
             TlsGate(tls, "tcp", proxied).begin(transport, self._reader.rest)
             return
-        protocol = self._make_endpoint()
-        endpoint = protocol.endpoint if isinstance(protocol, BufferedTcpEndpoint) else protocol
+        endpoint = protocol = self._make_endpoint()
         client = _proxied(header.source)
         if client is not None:  # else (LOCAL, UNKNOWN) the socket's own addresses hold
             endpoint.set_proxied(client, _proxied(header.destination), self._peer)
@@ -204,20 +199,6 @@ class ProxyGate(asyncio.Protocol):
         rest = self._reader.rest
         if rest and not transport.is_closing():
             endpoint.data_received(rest)
-
-
-class BufferedProxyGate(ProxyGate, asyncio.BufferedProtocol):
-    """The gate on the standard loop: it reads into the server's shared buffer, as
-    :class:`~netframe.tcp.BufferedTcpEndpoint` does, so a connection's first read does
-    not cost a 256 KiB allocation either."""
-
-    __slots__ = ()
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._gates.ctx.read_buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self._gates.ctx.read_buffer[:nbytes].tobytes())
 
 
 def _proxied(address: SocketAddress | None) -> PeerAddress | None:

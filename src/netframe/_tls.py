@@ -156,9 +156,8 @@ class TlsEndpoint(asyncio.BufferedProtocol):
     asyncio's and uvloop's TLS transports close after the client's ``close_notify``
     whatever it answers (and warn when asked otherwise).
 
-    Its own class rather than a subclass of
-    :class:`~netframe.tcp.BufferedTcpEndpoint`: in the compiled build that class's
-    methods accept no subclass.
+    A Python class in front of the compiled endpoint, which cannot subclass
+    ``asyncio.BufferedProtocol``.
     """
 
     __slots__ = ("_buffer", "endpoint")

@@ -52,7 +52,7 @@ from netframe.logs import configure_logging, flush_logs, get_logger, lifecycle_l
 from netframe.loops import EOF_BEFORE_CLOSE, loop_factory, loop_lacks, resolve_loop_name
 from netframe.metrics import Snapshot, require, snapshot
 from netframe.systemd import Handover, take
-from netframe.tcp import BufferedTcpEndpoint, TcpEndpoint
+from netframe.tcp import TcpEndpoint
 from netframe.udp import UdpEndpoint
 
 __all__ = ["BoundAddress", "ListenError", "RunInLoopError", "Server", "StartError"]
@@ -86,6 +86,10 @@ class BoundAddress:
         if self.transport == "unix":
             return f"unix {self.host}"
         return f"{self.transport} {Address(self.host, self.port)}"
+
+
+#: Bytes the standard loop's transports read per recv() (see Server._serve_stream).
+STANDARD_READ_BYTES: Final = 64 * 1024
 
 
 class Server:
@@ -443,7 +447,7 @@ class Server:
             return
         ctx.now = now = loop.time()
         if arrivals := ctx.arrivals:
-            ctx.arrivals = []
+            ctx.arrivals = {}
             for arrival in arrivals:
                 arrival.enter_wheel()
         for conn in ctx.wheel.due(now):
@@ -544,19 +548,21 @@ class Server:
         loop = asyncio.get_running_loop()
         backlog = self.config.backlog
         standard = isinstance(loop, asyncio.BaseEventLoop)  # its accept calls sock.accept
-        # The buffered read path on the standard loop (see BufferedTcpEndpoint); on uvloop
-        # the two paths measure the same, and the plain one is simpler.
-        endpoint = BufferedTcpEndpoint if standard else TcpEndpoint
-
+        if standard:
+            # The standard loop reads each chunk for a Protocol into a new bytes of
+            # transport.max_size, 256 KiB, which glibc can serve by mapping and unmapping
+            # pages on every read (cpython#85451); 64 KiB stays below its mapping
+            # threshold. Measured against a BufferedProtocol reading into one shared
+            # buffer, this is cheaper (docs/design.md, "The walk a byte takes"). uvloop
+            # reads into a buffer of its own.
+            ctx.read_size = STANDARD_READ_BYTES
         # A partial: the loop calls it per connection, in C, with no Python frame.
-        make_endpoint: Callable[[], TcpEndpoint | BufferedTcpEndpoint] = functools.partial(
-            endpoint, ctx, network
-        )
+        make_endpoint: Callable[[], TcpEndpoint] = functools.partial(TcpEndpoint, ctx, network)
         factory: Callable[[], Any] = make_endpoint
         if self._tls_gates is not None:  # the handshake, then the endpoint (_tls)
             factory = self._tls_gates.factory(network)
         if self._proxy_gates is not None and network == "tcp":  # the header, then the endpoint
-            factory = self._proxy_gates.factory(make_endpoint, buffered=standard)
+            factory = self._proxy_gates.factory(make_endpoint)
         sock.on_shed = lambda: ctx.refused("no_file_descriptors", 1, network)
         try:
             if standard:

@@ -27,7 +27,6 @@ Protection, each bounded and each with a reason in ``connection_closed``:
 from __future__ import annotations
 
 import asyncio
-import asyncio.protocols
 import collections
 import contextlib
 import math
@@ -36,7 +35,6 @@ import struct
 import time
 from typing import Any, Final, Protocol
 
-from mypy_extensions import mypyc_attr
 from structlog.typing import FilteringBoundLogger
 
 from netframe._awaiting import finish, run_handler_calls
@@ -55,7 +53,7 @@ from netframe.framing import LF, Framer, Message
 from netframe.handlers import CloseReason, Handler, InetAddress, PeerAddress, TlsInfo
 from netframe.handlers._interface import Network
 
-__all__ = ["BufferedTcpEndpoint", "TcpEndpoint"]
+__all__ = ["TcpEndpoint"]
 
 _PAUSED_BY_WRITES: Final = 1
 _PAUSED_BY_QUEUE: Final = 2
@@ -117,7 +115,7 @@ class TcpEndpoint:
 
     An asyncio protocol by its methods (the loop calls them by name), not by subclassing
     ``asyncio.Protocol``: the compiled build makes it a native class, which cannot
-    inherit from a Python one. :class:`BufferedTcpEndpoint` is the ``BufferedProtocol``.
+    inherit from a Python one.
     """
 
     __slots__ = (
@@ -250,7 +248,7 @@ class TcpEndpoint:
         ctx.connections.add(self)
         if ctx.idle_timeout_s:
             self._check_at = ctx.now + ctx.idle_timeout_s + TICK_S
-            ctx.arrivals.append(self)  # into the wheel at the next tick, if still open
+            ctx.arrivals[self] = None  # into the wheel at the next tick, if still open
         if ctx.info:
             if (fast := ctx.connection_log) is not None:
                 fast.opened(self.network, format_peer(self.peer), self.id)
@@ -344,7 +342,9 @@ class TcpEndpoint:
             return
         self._registered = False
         ctx.connections.discard(self)
-        ctx.wheel.cancel(self)
+        if self._check_at != math.inf:  # in the wheel, or waiting for it among the arrivals
+            ctx.arrivals.pop(self, None)
+            ctx.wheel.cancel(self)
         if self._ip is not None:
             left = ctx.per_ip[self._ip] - 1
             if left:
@@ -864,48 +864,3 @@ class TcpEndpoint:
             self._transport.resume_reading()
             if self._message_started:  # the client could not send while we did not read
                 self._message_started = self._ctx.now
-
-
-# asyncio.protocols by its full name: mypyc needs the module itself imported.
-@mypyc_attr(native_class=False)
-class BufferedTcpEndpoint(asyncio.protocols.BufferedProtocol):
-    """A :class:`TcpEndpoint` read through ``get_buffer``/``buffer_updated``.
-
-    Stock asyncio reads each chunk for a ``Protocol`` into a new 256 KiB ``bytes``, which
-    glibc maps and unmaps on every read (cpython#85451). Read into a buffer instead, the
-    chunk costs one copy of just its own length. All connections of a server share the
-    one buffer (``EndpointContext.read_buffer``): the loop calls ``get_buffer``, reads
-    and calls ``buffer_updated`` in one go, and the bytes are copied out before any
-    other connection reads.
-
-    asyncio picks the buffered path by ``isinstance(protocol, asyncio.BufferedProtocol)``,
-    and a compiled :class:`TcpEndpoint` cannot subclass it, so this is a thin protocol in
-    front of one, passing every event on.
-    """
-
-    __slots__ = ("_buffer", "endpoint")
-
-    def __init__(self, ctx: EndpointContext, network: Network = "tcp") -> None:
-        self.endpoint = TcpEndpoint(ctx, network)
-        self._buffer = ctx.read_buffer
-
-    def connection_made(self, transport: Any) -> None:
-        self.endpoint.connection_made(transport)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.endpoint.data_received(self._buffer[:nbytes].tobytes())
-
-    def eof_received(self) -> bool:
-        return self.endpoint.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.endpoint.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.endpoint.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.endpoint.resume_writing()
