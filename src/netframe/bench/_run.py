@@ -314,7 +314,12 @@ def _measure(
             cpu_start = _wait_and_read_cpu(
                 server, window_start, start_ns, counters, options, progress
             )
-            connections = _connections_by_process(server, target, cpu_start)
+            # How the connections are spread is read in the middle of the window, not at
+            # its start: a worker still starting (a busy machine) has not accepted its
+            # share of the connections the kernel queued for it by then.
+            middle = window_start + (window_end - window_start) // 2
+            cpu_middle = _wait_and_read_cpu(server, middle, start_ns, counters, options, progress)
+            connections = _connections_by_process(server, target, cpu_middle)
             cpu_end = _wait_and_read_cpu(server, window_end, start_ns, counters, options, progress)
         except KeyboardInterrupt:  # Ctrl+C: end the window now, and report what it holds
             interrupted = True
