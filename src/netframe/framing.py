@@ -131,8 +131,7 @@ class FramerLike(Protocol):
     """What the endpoint relies on in a framer: :class:`Framer`'s members, by shape.
 
     A user's framer is usually a :class:`Framer` subclass, but any object with these
-    members will do, and the endpoint holds its framer by this type (a compiled
-    endpoint would otherwise insist on the class).
+    members will do: it reaches the endpoint inside a :class:`ForeignFramer`.
     """
 
     @property
