@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent
 PACKAGE = ROOT / "src" / "netframe"
 # The same list as netframe._build.COMPILED_MODULES (a test keeps them equal); read from
 # there so that building needs nothing imported from the package itself.
-COMPILED_MODULES = ("framing", "limits", "_endpoint", "tcp", "udp")
+COMPILED_MODULES = ("framing", "limits", "_logline", "_endpoint", "tcp", "udp")
 MANIFEST = "_extensions.json"
 
 

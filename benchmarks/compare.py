@@ -44,13 +44,15 @@ ROOT = HERE.parent
 Argv = Callable[[str, int], list[str]]  # (handler, port) -> command line
 
 
-def _netframe(loop: str, *, pure: bool = False) -> Argv:
+def _netframe(loop: str, *, pure: bool = False, log_format: str | None = None) -> Argv:
     def argv(handler: str, port: int) -> list[str]:
         scenario = "echo" if handler == "echo" else "greeting"
         # The tutorial's bare exchange: netframe on its defaults (auto framing).
         framing = ("--framing", "auto") if handler == "bare-greeting" else ()
+        # At the default level, two lines a connection, to the spawned server's log file.
+        logging = ("--log-level", "info", "--log-format", log_format) if log_format else ()
         # The per-source UDP rate limit off: every datagram comes from one host here.
-        spawn = ("--loop", loop, "--udp-rate", "0", *framing)
+        spawn = ("--loop", loop, "--udp-rate", "0", *framing, *logging)
         options = BenchOptions(scenario=scenario, spawn_args=spawn)
         command = netframe_serve_argv(options, port)
         # env(1) execs the server, so the process measured is still the server itself.
@@ -73,6 +75,9 @@ SERVERS: dict[str, Argv] = {
     # The same servers on the pure-Python build (where the compiled one is installed).
     "netframe-uvloop-pure": _netframe("uvloop", pure=True),
     "netframe-asyncio-pure": _netframe("asyncio", pure=True),
+    # netframe-uvloop at the default log level (a line as a connection opens and closes).
+    "netframe-uvloop-log-console": _netframe("uvloop", log_format="console"),
+    "netframe-uvloop-log-json": _netframe("uvloop", log_format="json"),
     "raw-uvloop": _baseline("raw_protocol.py", "uvloop"),
     "raw-asyncio": _baseline("raw_protocol.py", "asyncio"),
     "streams-uvloop": _baseline("streams.py", "uvloop"),
@@ -108,12 +113,15 @@ HOLD_SERVERS = (
     "netframe-uvloop", "netframe-uvloop-pure", "raw-uvloop",
     "netframe-asyncio", "netframe-asyncio-pure", "raw-asyncio",
 )  # fmt: skip
+LOGGING = ("netframe-uvloop-log-console", "netframe-uvloop-log-json")
 #: Scenarios only some servers are run in: the streams and threaded baselines speak lines
 #: only, and hold (10,000 connections) is kept to netframe, the raw reference and the peers.
+#: The logging servers are run where log lines are made: in sessions, a line pair each.
 ONLY: dict[str, tuple[str, ...]] = {
     "hold": HOLD_SERVERS + PEERS,
-    "sessions-bare": HOLD_SERVERS + PEERS,
+    "sessions-bare": HOLD_SERVERS + PEERS + LOGGING,
 }
+NOT_IN = dict.fromkeys(LOGGING, ("echo-1k", "greeting", "udp", "hold"))
 
 
 class Rejected(Exception):
@@ -275,7 +283,11 @@ def main() -> int:
     rejected: dict[str, dict[str, str]] = {}
     for round_no in range(1, args.rounds + 1):
         for scenario in scenarios:
-            names = [s for s in servers if s in ONLY.get(scenario, servers)]
+            names = [
+                s
+                for s in servers
+                if s in ONLY.get(scenario, servers) and scenario not in NOT_IN.get(s, ())
+            ]
             for name in names:
                 if name in rejected.get(scenario, {}):
                     continue  # wrong once is wrong: no figure in any round

@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 CPU_TARGETS = {"echo-1k": 1.05, "greeting": 1.05, "sessions": 1.10, "sessions-bare": 1.10}
+#: netframe on stock asyncio against the raw asyncio Protocol server: it must beat it.
+ASYNCIO_TARGETS = {"echo-1k": 1.00}
+#: The default log level's two lines a connection, against the same server at warning.
+LOG_TARGETS = {"netframe-uvloop-log-json": 1.20, "netframe-uvloop-log-console": 1.30}
 UDP_TARGET = 0.95
 HOLD_TARGET_BYTES = 2048
 LOADGEN_TARGET = 100_000
@@ -67,6 +71,26 @@ def targets(document: dict[str, Any]) -> list[str]:
                 f"| {scenario}: netframe-uvloop server CPU/op <= {limit:.2f}x raw-uvloop "
                 f"| {ratio:.3f}x | {'yes' if ratio <= limit else 'no'} |"
             )
+    for scenario, limit in ASYNCIO_TARGETS.items():
+        ratio = _ratio(summary, scenario, "netframe-asyncio", "cpu_us_per_op")
+        if ratio is not None:
+            lines.append(
+                f"| {scenario}: netframe-asyncio server CPU/op <= {limit:.2f}x raw-asyncio "
+                f"| {ratio:.3f}x | {'yes' if ratio <= limit else 'no'} |"
+            )
+    for scenario in ("sessions", "sessions-bare"):
+        rows = summary.get(scenario, {})
+        for name, limit in LOG_TARGETS.items():
+            if name in rows and "netframe-uvloop" in rows:
+                ratio = (
+                    rows[name]["cpu_us_per_op"]["median"]
+                    / rows["netframe-uvloop"]["cpu_us_per_op"]["median"]
+                )
+                lines.append(
+                    f"| {scenario}: {name} (default level) server CPU/op <= {limit:.2f}x "
+                    f"netframe-uvloop (warning) | {ratio:.3f}x | "
+                    f"{'yes' if ratio <= limit else 'no'} |"
+                )
     ratio = _ratio(summary, "udp", "netframe-uvloop", "ops_per_s")
     if ratio is not None:
         lines.append(
@@ -281,7 +305,9 @@ def write_report(document: dict[str, Any], out: Path) -> None:
         f"{settings['duration']:g} s after {settings['warmup']:g} s of warm-up; figures are "
         "the median over rounds, with the range in brackets. The load generator is "
         "`python -m netframe bench` (closed loop, one request in flight per connection). "
-        "netframe runs with `--log-level warning` (no per-connection log lines) and "
+        "netframe runs with `--log-level warning` (no per-connection log lines; "
+        "`netframe-uvloop-log-json` and `-log-console` are the same server at the default "
+        "level, `info`, writing a line as each connection opens and closes to a file) and "
         "`--udp-rate 0` (one host sends all the load, so the per-source limit would "
         "measure itself), the "
         "baselines log nothing.",

@@ -2,6 +2,7 @@
 
     python benchmarks/served_instructions.py                  # every case, uvloop
     python benchmarks/served_instructions.py --loop asyncio bare echo
+    python benchmarks/served_instructions.py bare --netframe-args="--log-level info"
 
 ``benchmarks/instructions.py`` feeds the protocol objects directly, with a stand-in
 transport: it sees netframe's Python-level work and nothing of the loop. This runs the
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -51,12 +53,16 @@ LOW, HIGH = {"bare": 300, "line": 300, "echo": 2000}, {"bare": 1300, "line": 130
 TIMEOUT_S = 600.0
 
 
+#: More ``serve`` options for netframe (``--netframe-args``), after the case's own.
+NETFRAME_ARGS: list[str] = []
+
+
 def serve_argv(side: str, case: str, loop: str, port: int) -> list[str]:
     if side == "netframe":
         extra = {"bare": [], "line": ["--framing", "line"],
                  "echo": ["--handler", "echo", "--framing", "raw"]}[case]  # fmt: skip
         return [sys.executable, "-m", "netframe", "serve", "--tcp", f"127.0.0.1:{port}",
-                "--loop", loop, "--log-level", "warning", *extra]  # fmt: skip
+                "--loop", loop, "--log-level", "warning", *extra, *NETFRAME_ARGS]  # fmt: skip
     handler = {"bare": "bare-greeting", "line": "greeting", "echo": "echo"}[case]
     return [sys.executable, str(HERE / "servers" / "raw_protocol.py"), "--port", str(port),
             "--handler", handler, "--loop", loop]  # fmt: skip
@@ -161,7 +167,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0] if __doc__ else "")
     parser.add_argument("cases", nargs="*", default=list(CASES), help=", ".join(CASES))
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    parser.add_argument("--netframe-args", default="", metavar="ARGS",
+                        help='more serve options, e.g. "--log-level info"')  # fmt: skip
     args = parser.parse_args()
+    NETFRAME_ARGS[:] = shlex.split(args.netframe_args)
     if unknown := set(args.cases) - set(CASES):
         parser.error(f"unknown case {sorted(unknown)[0]!r}: choose from {', '.join(CASES)}")
     if shutil.which("valgrind") is None:

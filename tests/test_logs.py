@@ -15,7 +15,8 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from netframe import logs
+from netframe import _logline, logs
+from netframe._logline import ConnectionLog, LineQueue
 from netframe.logs import LineWriter
 
 
@@ -75,6 +76,8 @@ CLOSED = [
 ]
 CLOSED_FIELDS = ("reason", "duration_s", "bytes_in", "bytes_out", "messages_in", "messages_out")
 STAMP = "2026-11-29T19:02:34.000123Z"
+#: A timestamp as netframe writes it.
+STAMP_FORM = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 
 
 def structlog_line(
@@ -94,13 +97,14 @@ def structlog_line(
 @pytest.mark.parametrize("worker", [None, "12"])
 def test_the_connection_lines_are_the_ones_structlog_writes(
     log_format: str, peer: str, closed: tuple[str, float, int, int, int, int],
-    worker: str | None, monkeypatch: pytest.MonkeyPatch,
+    worker: str | None,
 ) -> None:  # fmt: skip
-    monkeypatch.setattr(logs, "_now", lambda: STAMP)
-    lines: list[str] = []
-    fast = logs.ConnectionLog(lines.append, json=log_format == "json", worker=worker)
-    fast.opened("tcp", peer, 7)
-    fast.closed("tcp", peer, 7, *closed)
+    queue = LineQueue(10, lambda: None)
+    fast = ConnectionLog(queue, json=log_format == "json", worker=worker)
+    shown = fast.opened("tcp", peer, 7)
+    fast.closed("tcp", shown, 7, *closed)
+    # The timestamp (the time now, in the form the last test checks) as in structlog_line.
+    lines = [STAMP_FORM.sub(STAMP, line, count=1) for line in queue.lines]
     bound = {"transport": "tcp", "peer": peer, "conn": 7}
     assert lines == [
         structlog_line(log_format, "connection_opened", bound, worker),
@@ -183,10 +187,18 @@ def test_the_fast_path_is_taken_only_under_netframes_own_configuration() -> None
         logs.configure_logging("console", "info")  # the suite's own set-up
 
 
-def test_timestamps_keep_their_form_across_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
-    for now in (1_700_000_000.0, 1_700_000_000.999999, 1_700_000_001.5):
-        monkeypatch.setattr(logs.time, "time", lambda now=now: now)
-        stamp = logs._now()
+def test_timestamps_keep_their_form_across_seconds() -> None:
+    for now in (1_700_000_000.0, 1_700_000_000.999999, 1_700_000_001.5, 1_700_000_001.000001):
+        stamp = _logline.timestamp(now)
         moment = datetime.datetime.fromtimestamp(now, datetime.UTC)
         assert stamp[:19] == moment.strftime("%Y-%m-%dT%H:%M:%S"), stamp
-        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp), stamp
+        assert STAMP_FORM.fullmatch(stamp), stamp
+        assert abs(float(stamp[19:-1]) - (now - int(now))) < 1e-6, stamp
+    fast = ConnectionLog(LineQueue(10, lambda: None), json=True)
+    before = datetime.datetime.now(datetime.UTC)
+    stamps = [fast.now() for _ in range(3)]  # the second's text made once, then reused
+    after = datetime.datetime.now(datetime.UTC)
+    for stamp in stamps:
+        assert STAMP_FORM.fullmatch(stamp), stamp
+        moment = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+        assert before - datetime.timedelta(microseconds=1) <= moment <= after  # truncated

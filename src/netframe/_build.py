@@ -39,7 +39,7 @@ from typing import Final
 __all__ = ["BUILD", "COMPILED_MODULES", "MANIFEST", "NO_EXTENSIONS_VARIABLE", "Build"]
 
 #: The modules ``setup.py`` compiles, by their name in the package.
-COMPILED_MODULES: Final = ("framing", "limits", "_endpoint", "tcp", "udp")
+COMPILED_MODULES: Final = ("framing", "limits", "_logline", "_endpoint", "tcp", "udp")
 #: The build record a successful compile writes beside the extension modules.
 MANIFEST: Final = "_extensions.json"
 NO_EXTENSIONS_VARIABLE: Final = "NETFRAME_NO_EXTENSIONS"

@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Any, Final
 
 from structlog.typing import FilteringBoundLogger
 
+from netframe._logline import ConnectionLog
 from netframe.config import Config
 from netframe.framing import ForeignFramer, Framer, FramerFactory, make_framer, user_framers
 from netframe.handlers import CloseReason, Handler, InetAddress, PeerAddress
 from netframe.handlers._interface import unmapped_host as normalise_host
 from netframe.limits import DeadlineWheel, EventSummary
-from netframe.logs import ConnectionLog, connection_log
+from netframe.logs import connection_log
 
 if TYPE_CHECKING:
     from netframe.tcp import TcpEndpoint

@@ -18,19 +18,17 @@ configured format.
 from __future__ import annotations
 
 import collections
-import datetime
-import json
 import logging
 import select
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, Final, TextIO, cast
 
 import structlog
 from structlog.typing import FilteringBoundLogger
 
+from netframe._logline import ConnectionLog, LineQueue
 from netframe.config import LogFormat
 
 __all__ = [
@@ -100,99 +98,7 @@ def connection_log() -> ConnectionLog | None:
     # capture_logs() and others change the processors list in place: compare its items.
     if tuple(structlog.get_config()["processors"]) != _processors:
         return None
-    return ConnectionLog(_writer.msg, json=_json_format, worker=_worker)
-
-
-class ConnectionLog:
-    """``connection_opened`` and ``connection_closed``, each made by one f-string.
-
-    A busy server opens and closes thousands of connections a second and, at the default
-    level, logs both. Through structlog's processor chain a line costs some 10 µs; made
-    here it costs under 1 µs, and a test holds both forms equal to structlog's JSON and
-    console renderers' (fields in the order structlog writes them: the bound context,
-    the event's own fields, then ``event``, ``level`` and ``timestamp``; sorted by name
-    on the console).
-    """
-
-    __slots__ = ("_console_tail", "_json", "_json_tail", "_queue")
-
-    def __init__(
-        self, queue: Callable[[str], None], *, json: bool, worker: str | None = None
-    ) -> None:
-        self._queue = queue
-        self._json = json
-        # The `worker` field (several worker processes), where structlog puts it: after
-        # `event` in JSON, last of the sorted fields on the console.
-        self._json_tail = "" if worker is None else f', "worker": {_json_string(worker)}'
-        self._console_tail = "" if worker is None else f" worker={_console_string(worker)}"
-
-    def opened(self, transport: str, peer: str, conn: int) -> None:
-        if self._json:
-            self._queue(
-                f'{{"transport": "{transport}", "peer": {_json_string(peer)}, "conn": {conn}, '
-                f'"event": "connection_opened"{self._json_tail}, "level": "info", '
-                f'"timestamp": "{_now()}"}}'
-            )
-        else:
-            self._queue(
-                f"{_now()} [info     ] connection_opened              conn={conn} "
-                f"peer={_console_string(peer)} transport={transport}{self._console_tail}"
-            )
-
-    def closed(
-        self,
-        transport: str,
-        peer: str,
-        conn: int,
-        reason: str,
-        duration_s: float,
-        bytes_in: int,
-        bytes_out: int,
-        messages_in: int,
-        messages_out: int,
-    ) -> None:
-        if self._json:
-            self._queue(
-                f'{{"transport": "{transport}", "peer": {_json_string(peer)}, "conn": {conn}, '
-                f'"reason": "{reason}", "duration_s": {duration_s!r}, "bytes_in": {bytes_in}, '
-                f'"bytes_out": {bytes_out}, "messages_in": {messages_in}, '
-                f'"messages_out": {messages_out}, "event": "connection_closed"'
-                f'{self._json_tail}, "level": "info", "timestamp": "{_now()}"}}'
-            )
-        else:
-            self._queue(
-                f"{_now()} [info     ] connection_closed              bytes_in={bytes_in} "
-                f"bytes_out={bytes_out} conn={conn} duration_s={duration_s!r} "
-                f"messages_in={messages_in} messages_out={messages_out} "
-                f"peer={_console_string(peer)} reason={reason} transport={transport}"
-                f"{self._console_tail}"
-            )
-
-
-def _console_string(value: str) -> str:
-    """A string value as the console renderer writes it: quoted if it must be."""
-    return value if _QUOTED.isdisjoint(value) else repr(value)
-
-
-#: Characters that make the console renderer quote a string value (as structlog does).
-_QUOTED: Final = frozenset(" \t=\r\n\"'")
-#: JSON's string quoting with non-ASCII escaped, as ``json.dumps`` does by default (C).
-_json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
-_second = -1
-_second_text = ""
-
-
-def _now() -> str:
-    """The time as ``TimeStamper(fmt="iso", utc=True)`` writes it, the date and time to the
-    second made once a second."""
-    global _second, _second_text
-    now = time.time()
-    second = int(now)
-    if second != _second:
-        _second = second
-        moment = datetime.datetime.fromtimestamp(second, datetime.UTC)
-        _second_text = moment.strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{_second_text}.{int((now - second) * 1_000_000):06d}Z"
+    return ConnectionLog(_writer.queue, json=_json_format, worker=_worker)
 
 
 class LineWriter:
@@ -212,24 +118,19 @@ class LineWriter:
         max_write_bytes: int | None = None,
     ) -> None:
         self._stream = stream
-        self._max_lines = max_lines
         self._max_write_bytes = max_write_bytes
-        self._lines: collections.deque[str] = collections.deque()
         self._wake = threading.Event()
-        # Set by the loop when it wakes the writer, cleared by the writer before it
-        # drains: one wake-up (a futex call, a thread switch) per burst, not per line.
-        self._wake_pending = False
+        #: The lines waiting; the event loop's side of it (and the per-connection lines,
+        #: which go in directly) is compiled with the hot path.
+        self.queue = LineQueue(max_lines, self._wake.set)
         # True while the writer holds lines it took from the queue and has not written:
         # with the queue empty, that is all flush() must wait for.
         self._writing = False
         self._stopped = False
-        # Counted on two threads, so in two counters: each is written by one thread only.
-        self._dropped_full = 0  # event-loop side: the queue was full
-        self._dropped_failed = 0  # writer side: the write failed
+        # Lines dropped because a write failed, counted by the writer thread only (those
+        # refused by a full queue are counted by the queue, on the event loop's side).
+        self._dropped_failed = 0
         self._reported = 0
-        # True while the writer thread queues its own report of dropped lines, which
-        # must not be dropped itself for want of room.
-        self._reporting = False
         self.on_recovered: Any = None
         self._thread = threading.Thread(target=self._run, name="netframe-log", daemon=True)
         self._thread.start()
@@ -237,17 +138,11 @@ class LineWriter:
     @property
     def dropped(self) -> int:
         """Lines dropped so far, full queue and failed writes together."""
-        return self._dropped_full + self._dropped_failed
+        return self.queue.dropped_full + self._dropped_failed
 
     def msg(self, message: str) -> None:
         """Queue one rendered line (never blocks)."""
-        if len(self._lines) >= self._max_lines and not self._reporting:
-            self._dropped_full += 1
-            return
-        self._lines.append(message)
-        if not self._wake_pending:
-            self._wake_pending = True
-            self._wake.set()
+        self.queue.put(message)
 
     log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
     failure = msg
@@ -255,7 +150,7 @@ class LineWriter:
     def flush(self, timeout_s: float = 2.0) -> bool:
         """Wait up to ``timeout_s`` for queued lines to be written; True when they were."""
         deadline = time.monotonic() + timeout_s
-        while self._lines or self._writing:
+        while self.queue.lines or self._writing:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.002)
@@ -268,20 +163,22 @@ class LineWriter:
         self._wake.set()
 
     def _run(self) -> None:
-        lines = self._lines
+        queue = self.queue
+        lines = queue.lines
         while not self._stopped:
             self._wake.wait()
             # Let the burst that woke us gather: one write for many lines, and the
             # event loop keeps the GIL meanwhile.
             time.sleep(_GATHER_S)
             self._wake.clear()
-            self._wake_pending = False
+            queue.wake_pending = False
             while lines:
                 self._writing = True
                 batch = self._take(lines)
                 count = len(batch)
                 try:
-                    self._stream.write("\n".join(batch) + "\n")
+                    batch.append("")  # the last line's newline, without a copy of them all
+                    self._stream.write("\n".join(batch))
                     self._stream.flush()
                 except (OSError, ValueError):  # a closed pipe or file: drop, keep going
                     self._dropped_failed += count
@@ -291,11 +188,11 @@ class LineWriter:
                 dropped = self.dropped - self._reported
                 if dropped and self.on_recovered is not None:
                     self._reported += dropped
-                    self._reporting = True
+                    queue.reporting = True
                     try:
                         self.on_recovered(dropped)
                     finally:
-                        self._reporting = False
+                        queue.reporting = False
 
     def _take(self, lines: collections.deque[str]) -> list[str]:
         """The next batch: up to ``_BATCH_LINES`` lines, and with ``max_write_bytes`` set,
