@@ -42,6 +42,7 @@ from netframe._endpoint import TICK_S, EndpointContext
 from netframe._errors import Error
 from netframe._metrics_http import bind_metrics, serve_metrics
 from netframe._proxy_gate import ProxyGates
+from netframe._ticker import Ticker, start_ticker
 from netframe._tls import TlsGates, server_context
 from netframe._unix import FileIdentity, bind_unix_listener, remove_socket_file, unix_address
 from netframe.config import Address, Config, ConfigError
@@ -164,7 +165,7 @@ class Server:
         self._addresses: list[BoundAddress] = []
         # The socket files this server bound, removed when it stops (if still its own).
         self._unix_files: list[tuple[str, FileIdentity]] = []
-        self._tick_handle: asyncio.TimerHandle | None = None
+        self._ticker: Ticker | None = None
         self._ticks = 0
         # Events bind to a loop on first wait (3.10+), so this may be made before one runs.
         self._stop_requested = asyncio.Event()
@@ -266,7 +267,7 @@ class Server:
             await self._stop_hook()
             raise
         ctx.max_connections = self._connection_cap()
-        self._tick_handle = loop.call_later(TICK_S, self._tick)
+        self._ticker = start_ticker(loop, TICK_S, self._tick)
 
     async def serve_forever(self) -> None:
         """Serve until :meth:`stop` is called, then shut down gracefully. Starts if needed."""
@@ -347,8 +348,8 @@ class Server:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), max(0.1, deadline - loop.time()))
         self._closed = True
-        if self._tick_handle is not None:
-            self._tick_handle.cancel()
+        if self._ticker is not None:
+            self._ticker.cancel()
         self._tick()
         ctx.flush_summaries(final=True)  # the refusal and drop counts still waiting
         for endpoint in self._udp_endpoints:
@@ -463,8 +464,6 @@ class Server:
             for endpoint in self._udp_endpoints:
                 endpoint.prune()
         self._probe_descriptors(now)
-        if not self._closed:  # deadlines keep running while a stop drains
-            self._tick_handle = loop.call_later(TICK_S, self._tick)
 
     def _probe_descriptors(self, now: float) -> None:
         """Notice (each tick) that the process is out of descriptors, and when it is not.
