@@ -44,7 +44,12 @@ ROOT = HERE.parent
 Argv = Callable[[str, int], list[str]]  # (handler, port) -> command line
 
 
-def _netframe(loop: str, *, pure: bool = False, log_format: str | None = None) -> Argv:
+def _netframe(
+    loop: str, *, pure: bool = False, log_format: str | None = None, python: str | None = None
+) -> Argv:
+    """``python -m netframe serve`` on ``loop``; ``python`` is another interpreter (another
+    build of netframe, such as an older commit's, installed in its own environment)."""
+
     def argv(handler: str, port: int) -> list[str]:
         scenario = "echo" if handler == "echo" else "greeting"
         # The tutorial's bare exchange: netframe on its defaults (auto framing).
@@ -55,6 +60,8 @@ def _netframe(loop: str, *, pure: bool = False, log_format: str | None = None) -
         spawn = ("--loop", loop, "--udp-rate", "0", *framing, *logging)
         options = BenchOptions(scenario=scenario, spawn_args=spawn)
         command = netframe_serve_argv(options, port)
+        if python is not None:
+            command[0] = python
         # env(1) execs the server, so the process measured is still the server itself.
         return ["env", "NETFRAME_NO_EXTENSIONS=1", *command] if pure else command
 
@@ -122,6 +129,24 @@ ONLY: dict[str, tuple[str, ...]] = {
     "sessions-bare": HOLD_SERVERS + PEERS + LOGGING,
 }
 NOT_IN = dict.fromkeys(LOGGING, ("echo-1k", "greeting", "udp", "hold"))
+
+
+def add_before(python: str) -> None:
+    """The ``before-*`` servers: netframe's own, run by ``python``, beside the others (in
+    the scenarios theirs are run in)."""
+    for name in [n for n in SERVERS if n.startswith("netframe-")]:
+        rest = name.removeprefix("netframe-")
+        loop = rest.split("-")[0]
+        log_format = rest.rpartition("log-")[2] if "-log-" in f"-{rest}" else None
+        twin = f"before-{rest}"
+        SERVERS[twin] = _netframe(loop, pure=rest.endswith("-pure"), log_format=log_format,
+                                  python=python)  # fmt: skip
+        NEEDS[twin] = NEEDS[name]
+        if name in NOT_IN:
+            NOT_IN[twin] = NOT_IN[name]
+        for scenario, names in list(ONLY.items()):
+            if name in names:
+                ONLY[scenario] = (*names, twin)
 
 
 class Rejected(Exception):
@@ -257,18 +282,23 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds measured per run")
     parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated names")
+    parser.add_argument("--servers", help="comma-separated names (default: all)")
     parser.add_argument("--scenarios", default=",".join([*SCENARIOS, "hold"]))
     parser.add_argument("--hold-conns", type=int, default=10_000)
     parser.add_argument("--hold-duration", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "benchmarks" / "compare.json")
+    parser.add_argument("--before", metavar="PYTHON",
+                        help="also run netframe's servers under this interpreter (another "
+                        "build's environment) as before-uvloop, before-asyncio, ...")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
                         help="one round of 2 s, 2,000 held connections: a smoke run")  # fmt: skip
     args = parser.parse_args()
+    if args.before:
+        add_before(args.before)
     if args.quick:
         args.rounds, args.duration, args.warmup, args.hold_conns = 1, 2.0, 0.5, 2000
-    servers = [s for s in args.servers.split(",") if s]
+    servers = [s for s in (args.servers or ",".join(SERVERS)).split(",") if s]
     scenarios = [s for s in args.scenarios.split(",") if s]
     unknown = [s for s in servers if s not in SERVERS] + [
         s for s in scenarios if s not in SCENARIOS and s != "hold"

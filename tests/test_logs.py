@@ -13,6 +13,8 @@ import time
 
 import pytest
 import structlog
+from hypothesis import given
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from netframe import _logline, logs
@@ -69,10 +71,12 @@ def test_a_closed_stream_drops_lines_without_raising() -> None:
 
 
 PEERS = ["127.0.0.1:50312", "[fe80::1%eth0]:9", '/tmp/a "quoted" \\ säugling\n', "unknown"]
+# (reason, duration in microseconds, bytes in, bytes out, messages in, messages out)
 CLOSED = [
-    ("peer_closed", 0.000123, 0, 10, 0, 1),
-    ("handler_error", 12345.678901, 10**12, 7, 3, 2),
-    ("idle_timeout", 1e-07, 5, 5, 5, 5),
+    ("peer_closed", 123, 0, 10, 0, 1),
+    ("handler_error", 12_345_678_901, 10**12, 7, 3, 2),
+    ("idle_timeout", 7, 5, 5, 5, 5),  # 7e-06 s: written with an exponent
+    ("server_shutdown", 3_000_000, 5, 5, 5, 5),  # 3.0 s
 ]
 CLOSED_FIELDS = ("reason", "duration_s", "bytes_in", "bytes_out", "messages_in", "messages_out")
 STAMP = "2026-11-29T19:02:34.000123Z"
@@ -96,7 +100,7 @@ def structlog_line(
 @pytest.mark.parametrize("log_format", ["json", "console"])
 @pytest.mark.parametrize("worker", [None, "12"])
 def test_the_connection_lines_are_the_ones_structlog_writes(
-    log_format: str, peer: str, closed: tuple[str, float, int, int, int, int],
+    log_format: str, peer: str, closed: tuple[str, int, int, int, int, int],
     worker: str | None,
 ) -> None:  # fmt: skip
     queue = LineQueue(10, lambda: None)
@@ -106,15 +110,32 @@ def test_the_connection_lines_are_the_ones_structlog_writes(
     # The timestamp (the time now, in the form the last test checks) as in structlog_line.
     lines = [STAMP_FORM.sub(STAMP, line, count=1) for line in queue.lines]
     bound = {"transport": "tcp", "peer": peer, "conn": 7}
+    reason, micros, *counts = closed
+    fields = (reason, micros / 1_000_000, *counts)  # what the structlog path logs
     assert lines == [
         structlog_line(log_format, "connection_opened", bound, worker),
         structlog_line(
             log_format,
             "connection_closed",
-            {**bound, **dict(zip(CLOSED_FIELDS, closed, strict=True))},
+            {**bound, **dict(zip(CLOSED_FIELDS, fields, strict=True))},
             worker,
         ),
     ]
+
+
+@given(st.text())
+def test_any_peer_text_is_quoted_as_structlog_quotes_it(peer: str) -> None:
+    for log_format in ("json", "console"):
+        queue = LineQueue(10, lambda: None)
+        ConnectionLog(queue, json=log_format == "json").opened("tcp", peer, 1)
+        line = STAMP_FORM.sub(STAMP, queue.lines[0], count=1)
+        bound = {"transport": "tcp", "peer": peer, "conn": 1}
+        assert line == structlog_line(log_format, "connection_opened", bound)
+
+
+@given(st.integers(min_value=0, max_value=10**18))
+def test_a_duration_is_written_as_repr_writes_its_float(micros: int) -> None:
+    assert _logline.seconds_text(micros) == repr(micros / 1_000_000)
 
 
 @pytest.mark.parametrize("log_format", ["json", "console"])

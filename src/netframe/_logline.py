@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-__all__ = ["ConnectionLog", "LineQueue", "timestamp"]
+__all__ = ["ConnectionLog", "LineQueue", "seconds_text", "timestamp"]
 
 #: Characters that make the console renderer quote a string value (as structlog does).
 _QUOTED: Final = frozenset(" \t=\r\n\"'")
@@ -73,6 +73,21 @@ def _micros(now: float, second: int) -> str:
     return str(int((now - second) * 1_000_000) + 1_000_000)[1:]
 
 
+def seconds_text(micros: int) -> str:
+    """``repr(micros / 1_000_000)``, the duration as structlog writes the float, made from
+    the integer: ``repr`` of a float runs the shortest-digits algorithm, the dearest part
+    of a ``connection_closed`` line. From 0.0001 s up, the float of a whole number of
+    microseconds is written as its decimal with the trailing zeros dropped (a test holds
+    the two equal); below that ``repr`` writes an exponent, and is asked."""
+    if micros < 100 or micros >= 10**15:
+        return repr(micros / 1_000_000)
+    whole, fraction = divmod(micros, 1_000_000)
+    if not fraction:
+        return f"{whole}.0"
+    digits = str(fraction + 1_000_000)[1:].rstrip("0")
+    return f"{whole}.{digits}"
+
+
 def _console_string(value: str) -> str:
     """A string value as the console renderer writes it: quoted if it must be."""
     return value if _QUOTED.isdisjoint(value) else repr(value)
@@ -109,7 +124,11 @@ class ConnectionLog:
         """Log ``connection_opened``; returns ``peer`` as the line wrote it (quoted where
         it must be), which :meth:`closed` takes back instead of quoting it again."""
         if self._json:
-            shown = _json_string(peer)
+            # An address needs no escaping; anything else goes through json's own.
+            if peer.isascii() and peer.isprintable() and '"' not in peer and "\\" not in peer:
+                shown = f'"{peer}"'
+            else:
+                shown = _json_string(peer)
             self._queue.put(
                 f'{{"transport": "{transport}", "peer": {shown}, "conn": {conn}, '
                 f'"event": "connection_opened"{self._json_tail}, "level": "info", '
@@ -129,16 +148,18 @@ class ConnectionLog:
         shown_peer: str,
         conn: int,
         reason: str,
-        duration_s: float,
+        duration_us: int,
         bytes_in: int,
         bytes_out: int,
         messages_in: int,
         messages_out: int,
     ) -> None:
-        """Log ``connection_closed``; ``shown_peer`` is what :meth:`opened` returned."""
-        # repr() apart: mypyc builds an f-string of plain fields as one join, and falls
-        # back to str.format for all of it if a single field has a conversion such as !r.
-        duration = repr(duration_s)
+        """Log ``connection_closed``; ``shown_peer`` is what :meth:`opened` returned, and
+        ``duration_us`` the connection's life in whole microseconds (written in seconds).
+
+        (No conversion such as ``!r`` in these f-strings: mypyc builds one of plain fields
+        as a single join, and falls back to ``str.format`` for all of it otherwise.)"""
+        duration = seconds_text(duration_us)
         if self._json:
             self._queue.put(
                 f'{{"transport": "{transport}", "peer": {shown_peer}, "conn": {conn}, '
