@@ -28,7 +28,7 @@ class GreetingHandler(Handler):
     def on_message(self, conn: Connection, message: str) -> None:
         if message == "exit":
             conn.close()
-        elif conn.network == "udp" and _is_reply(message):
+        elif conn.network == "udp" and message.endswith("!") and _is_reply(message):
             return
         else:
             conn.send(f"Hello, {message}!")
