@@ -64,18 +64,13 @@ def scenario_table(summary: dict[str, Any], scenario: str) -> list[str]:
 def targets(document: dict[str, Any]) -> list[str]:
     summary = document["summary"]
     lines = ["| target | measured | met |", "|---|---:|:---:|"]
-    for scenario, limit in CPU_TARGETS.items():
-        ratio = _ratio(summary, scenario, "netframe-uvloop", "cpu_us_per_op")
+    cpu_targets = [("uvloop", s, limit) for s, limit in CPU_TARGETS.items()]
+    cpu_targets += [("asyncio", s, limit) for s, limit in ASYNCIO_TARGETS.items()]
+    for loop, scenario, limit in cpu_targets:
+        ratio = _ratio(summary, scenario, f"netframe-{loop}", "cpu_us_per_op")
         if ratio is not None:
             lines.append(
-                f"| {scenario}: netframe-uvloop server CPU/op <= {limit:.2f}x raw-uvloop "
-                f"| {ratio:.3f}x | {'yes' if ratio <= limit else 'no'} |"
-            )
-    for scenario, limit in ASYNCIO_TARGETS.items():
-        ratio = _ratio(summary, scenario, "netframe-asyncio", "cpu_us_per_op")
-        if ratio is not None:
-            lines.append(
-                f"| {scenario}: netframe-asyncio server CPU/op <= {limit:.2f}x raw-asyncio "
+                f"| {scenario}: netframe-{loop} server CPU/op <= {limit:.2f}x raw-{loop} "
                 f"| {ratio:.3f}x | {'yes' if ratio <= limit else 'no'} |"
             )
     for scenario in ("sessions", "sessions-bare"):

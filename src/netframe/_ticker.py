@@ -28,6 +28,13 @@ __all__ = ["Ticker", "start_ticker"]
 class Ticker:
     """A repeating callback on the loop; :meth:`cancel` stops it."""
 
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, interval_s: float, callback: Callable[[], None]
+    ) -> None:
+        self._loop = loop
+        self._interval_s = interval_s
+        self._callback = callback
+
     def cancel(self) -> None:
         raise NotImplementedError
 
@@ -38,9 +45,7 @@ class _TimerTicker(Ticker):
     def __init__(
         self, loop: asyncio.AbstractEventLoop, interval_s: float, callback: Callable[[], None]
     ) -> None:
-        self._loop = loop
-        self._interval_s = interval_s
-        self._callback = callback
+        super().__init__(loop, interval_s, callback)
         self._handle = loop.call_later(interval_s, self._fire)
 
     def _fire(self) -> None:
@@ -58,9 +63,7 @@ class _ThreadTicker(Ticker):
     def __init__(
         self, loop: asyncio.AbstractEventLoop, interval_s: float, callback: Callable[[], None]
     ) -> None:
-        self._loop = loop
-        self._interval_s = interval_s
-        self._callback = callback
+        super().__init__(loop, interval_s, callback)
         self._stopped = threading.Event()
         self._queued = False  # set by the thread, cleared on the loop when the tick runs
         self._thread = threading.Thread(target=self._run, name="netframe-tick", daemon=True)
