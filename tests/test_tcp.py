@@ -604,6 +604,92 @@ async def test_the_standard_loop_reads_at_most_64_kib_at_a_time() -> None:
     assert max(sizes) <= 64 * 1024
 
 
+class _Writes:
+    """Counts what goes through a transport's own ``write`` (an instance attribute in
+    front of the class's method), and hands it on."""
+
+    def __init__(self, transport: Any) -> None:
+        self.calls: list[int] = []
+        self._write = transport.write
+        transport.write = self
+
+    def __call__(self, data: bytes) -> None:
+        self.calls.append(len(data))
+        self._write(data)
+
+
+def _standard_loop_only() -> None:
+    if not isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop):
+        pytest.skip("the endpoint reads and writes the socket itself on the standard loop only")
+
+
+@pytest.mark.asyncio
+async def test_on_the_standard_loop_replies_go_straight_to_the_socket() -> None:
+    _standard_loop_only()
+    writes: list[_Writes] = []
+
+    class Echo(Handler):
+        text = False
+
+        def on_connect(self, conn: Connection) -> None:
+            writes.append(_Writes(conn._transport))  # type: ignore[attr-defined]
+
+        def on_message(self, conn: Connection, message: bytes) -> None:
+            conn.send(message)
+
+    async with serving(handler=Echo, framing="line", **TCP_ONLY) as server:
+        reader, writer = await connect(server)
+        for number in range(50):
+            writer.write(b"%d\n" % number)
+            assert await asyncio.wait_for(reader.readline(), 15) == b"%d\n" % number
+        writer.close()
+    # Nothing was ever left unsent, so the transport's write was never needed.
+    assert writes[0].calls == []
+
+
+@pytest.mark.asyncio
+async def test_on_the_standard_loop_what_the_socket_does_not_take_is_queued_in_order() -> None:
+    # A reply far larger than the socket's buffers, to a client not reading yet: the
+    # socket takes what it can, the transport queues the rest, and every later reply
+    # queues behind it (never straight to the socket ahead of it) until it drains.
+    _standard_loop_only()
+    big = bytes(range(256)) * (16 * 1024)  # 4 MiB
+    writes: list[_Writes] = []
+
+    class Bulk(Handler):
+        text = False
+
+        def on_connect(self, conn: Connection) -> None:
+            writes.append(_Writes(conn._transport))  # type: ignore[attr-defined]
+
+        def on_message(self, conn: Connection, message: bytes) -> None:
+            conn.send(big if message == b"big" else message)
+
+    settings = {"write_buffer_high_bytes": 64 << 20, "write_buffer_low_bytes": 1 << 20}
+    async with serving(handler=Bulk, framing="line", **settings, **TCP_ONLY) as server:
+        sock = socket.socket()
+        # Small before connecting (shrunk on an open connection, the window can stall).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.connect(server.address("tcp"))
+        sock.sendall(b"big\n")
+        await wait_until(lambda: len(writes) == 1 and len(writes[0].calls) == 1)
+        small = b"".join(b"after %d\n" % n for n in range(200))
+        sock.sendall(small)
+        # Every later reply went through the transport's queue, none around it.
+        await wait_until(lambda: sum(writes[0].calls[1:]) == len(small))
+        expected = big + b"\n" + small
+        received = bytearray()
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        while len(received) < len(expected):
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), 15)
+            assert chunk
+            received += chunk
+        sock.close()
+    assert received == expected
+    assert writes[0].calls[0] < len(big) + 1  # the big reply went out in part
+
+
 # -- user framers, wrapped for the compiled endpoint (netframe.framing.ForeignFramer) -------
 
 

@@ -27,6 +27,7 @@ Protection, each bounded and each with a reason in ``connection_closed``:
 from __future__ import annotations
 
 import asyncio
+import asyncio.selector_events
 import collections
 import contextlib
 import math
@@ -92,6 +93,19 @@ _OVERFLOW_PAYLOAD: Final = bytes(bytearray(b"overflow"))
 _OVERFLOW: Final[Message] = (_OVERFLOW_PAYLOAD, b"")
 
 
+def _selector_transport() -> type | None:
+    """Stock asyncio's socket transport class, where it has the methods ``_adopt`` and
+    ``_on_readable`` rely on (CPython 3.11 to 3.13 do); else None, and no adopting."""
+    cls = getattr(asyncio.selector_events, "_SelectorSocketTransport", None)
+    if not isinstance(cls, type):
+        return None
+    needed = ("_read_ready", "_read_ready__on_eof", "_fatal_error", "write")
+    return cls if all(callable(getattr(cls, name, None)) for name in needed) else None
+
+
+_SELECTOR_TRANSPORT: Final = _selector_transport()
+
+
 class _Transport(Protocol):
     """What the endpoint uses of its transport. A protocol, not ``asyncio.Transport``:
     uvloop's transports implement the interface without subclassing it, and compiled
@@ -143,6 +157,7 @@ class TcpEndpoint:
         "_pending",
         "_registered",
         "_seen",
+        "_sock",
         "_started",
         "_task",
         "_terminator",
@@ -174,6 +189,9 @@ class TcpEndpoint:
         self._handler: Handler | None = None  # made in connection_made, where errors are caught
         self._hooks = DYNAMIC_HOOKS  # how its hooks are called (see HandlerHooks)
         self._transport: _Transport | None = None
+        # The socket of a stock asyncio selector transport, which this endpoint reads
+        # and writes itself while the transport holds nothing unsent (see _adopt).
+        self._sock: socket.socket | None = None
         # Replies made while a batch of input is handled; None outside a batch, when
         # sends write straight through (async handlers, after an await).
         self._batch: list[bytes] | None = None
@@ -247,6 +265,8 @@ class TcpEndpoint:
         if ctx.read_size:  # the standard loop's read size, per transport
             transport_any: Any = transport
             transport_any.max_size = ctx.read_size
+            if type(transport) is _SELECTOR_TRANSPORT:
+                self._adopt(transport_any)
         transport.set_write_buffer_limits(ctx.write_buffer_high_bytes, ctx.write_buffer_low_bytes)
         ctx.connections.add(self)
         if ctx.idle_timeout_s:
@@ -279,7 +299,7 @@ class TcpEndpoint:
         if greeting:
             data = greeting[0] if len(greeting) == 1 else b"".join(greeting)
             self.bytes_out += len(data)
-            transport.write(data)
+            self._send_out(transport, data)
         if self._closing:  # on_connect closed, or failed
             self._close_transport()
 
@@ -677,7 +697,7 @@ class TcpEndpoint:
             data = batch[0] if len(batch) == 1 else b"".join(batch)
             self.bytes_out += len(data)
             self._seen = self._ctx.now
-            transport.write(data)
+            self._send_out(transport, data)
         if self._closing:
             self._close_transport()
         elif self._ctx.stopping and not self._busy():
@@ -696,14 +716,71 @@ class TcpEndpoint:
         data = b"".join(batch)
         batch.clear()
         self.bytes_out += len(data)
-        transport.write(data)
+        self._send_out(transport, data)
 
     def _write(self, data: bytes) -> None:
         transport = self._transport
         if transport is not None and not transport.is_closing():
             self.bytes_out += len(data)
             self._seen = self._ctx.now
-            transport.write(data)
+            self._send_out(transport, data)
+
+    def _send_out(self, transport: _Transport, data: bytes) -> None:
+        """``transport.write(data)``; straight to the socket when the transport is stock
+        asyncio's and holds nothing unsent, as its own ``write`` would do, minus the
+        Python frame. Anything but a whole send goes through ``write`` as usual."""
+        sock = self._sock
+        if sock is not None:
+            state: Any = transport
+            if not state._buffer and not state._conn_lost:
+                try:
+                    sent = sock.send(data)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    sent = 0  # write meets the error again and fails the transport as usual
+                if sent == len(data):
+                    return
+                data = data[sent:]
+        transport.write(data)
+
+    def _adopt(self, transport: Any) -> None:
+        """Read and write a stock asyncio selector transport's socket here (compiled)
+        rather than through its Python methods. The transport keeps its registration,
+        buffer, flow control and closing; only the plain read and the unbuffered send are
+        taken over, with its own code for everything else (errors, end of input)."""
+        try:
+            sock = transport._sock
+            transport._read_ready_cb = self._on_readable
+        except AttributeError:
+            return
+        self._sock = sock
+
+    def _on_readable(self) -> None:
+        # asyncio's _read_ready__data_received, with the protocol's method called natively.
+        transport: Any = self._transport
+        if transport._conn_lost:
+            return
+        sock = self._sock
+        assert sock is not None
+        try:
+            data = sock.recv(self._ctx.read_size)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            transport._fatal_error(exc, "Fatal read error on socket transport")
+            return
+        if not data:
+            transport._read_ready__on_eof()
+            return
+        try:
+            self.data_received(data)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            transport._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
 
     def _framer_timeout(self) -> None:
         self._framer_timer = None
