@@ -17,7 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from netframe import _logline, logs
+from netframe import InetAddress, _logline, logs
+from netframe._endpoint import format_peer, inet_text
 from netframe._logline import ConnectionLog, LineQueue
 from netframe.logs import LineWriter
 
@@ -131,6 +132,30 @@ def test_any_peer_text_is_quoted_as_structlog_quotes_it(peer: str) -> None:
         line = STAMP_FORM.sub(STAMP, queue.lines[0], count=1)
         bound = {"transport": "tcp", "peer": peer, "conn": 1}
         assert line == structlog_line(log_format, "connection_opened", bound)
+
+
+_HOSTS = st.one_of(
+    st.ip_addresses(v=4).map(str),
+    st.ip_addresses(v=6).map(str),
+    st.ip_addresses(v=4).map(lambda ip: f"::ffff:{ip}"),  # IPv4 through an IPv6 socket
+    st.ip_addresses(v=6).map(lambda ip: f"{ip}%eth0"),  # scoped
+    st.text(),
+)
+
+
+@given(_HOSTS, st.integers(min_value=0, max_value=65535), st.lists(st.integers(), max_size=2))
+def test_a_socket_tuple_is_written_as_its_address_object_prints(
+    host: str, port: int, rest: list[int]
+) -> None:
+    # The log lines write a peer nothing asked an InetAddress for straight from the tuple.
+    sockaddr = (host, port, *rest)
+    assert inet_text(sockaddr) == str(InetAddress.from_sockaddr(sockaddr))
+    assert format_peer(sockaddr) == format_peer(InetAddress.from_sockaddr(sockaddr))
+
+
+@pytest.mark.parametrize("other", [None, "/run/app.sock", b"", ("host",), (1, 2), ("h", "80")])
+def test_what_is_not_an_ip_tuple_is_left_to_the_address_objects(other: object) -> None:
+    assert inet_text(other) is None
 
 
 @given(st.integers(min_value=0, max_value=10**18))

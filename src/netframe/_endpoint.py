@@ -32,6 +32,7 @@ __all__ = [
     "StreamTotals",
     "error_reply",
     "format_peer",
+    "inet_text",
     "normalise_host",
 ]
 
@@ -53,8 +54,24 @@ def format_peer(peer: PeerAddress | tuple[Any, ...] | None) -> str:
     """``("::1", 5000, 0, 0)`` or its :class:`InetAddress` -> ``"[::1]:5000"``; the form
     used in every log event."""
     if isinstance(peer, tuple):
+        if (text := inet_text(peer)) is not None:
+            return text
         peer = InetAddress.from_sockaddr(peer)
     return "unknown" if peer is None else str(peer)
+
+
+def inet_text(sockaddr: object) -> str | None:
+    """``str(InetAddress.from_sockaddr(sockaddr))`` for a socket's IP address tuple, made
+    with no address object (a log line needs only the text); ``None`` for anything else."""
+    if type(sockaddr) is not tuple or len(sockaddr) < 2:
+        return None
+    host = sockaddr[0]
+    port = sockaddr[1]
+    if type(host) is not str or type(port) is not int:
+        return None
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def error_reply(reason: str) -> bytes:

@@ -81,7 +81,8 @@ def seconds_text(micros: int) -> str:
     the two equal); below that ``repr`` writes an exponent, and is asked."""
     if micros < 100 or micros >= 10**15:
         return repr(micros / 1_000_000)
-    whole, fraction = divmod(micros, 1_000_000)
+    whole = micros // 1_000_000  # (divmod is a generic call for mypyc; these are native)
+    fraction = micros - whole * 1_000_000
     if not fraction:
         return f"{whole}.0"
     digits = str(fraction + 1_000_000)[1:].rstrip("0")

@@ -48,6 +48,7 @@ from netframe._endpoint import (
     EndpointContext,
     error_reply,
     format_peer,
+    inet_text,
 )
 from netframe._unix import limit_key, unix_address
 from netframe.framing import LF, Framer, Message
@@ -91,6 +92,8 @@ _OVERFLOW_PAYLOAD: Final = bytes(bytearray(b"overflow"))
 #: Queued after the last message before an overlong one, so that the refusal keeps its
 #: place in the stream: earlier messages are answered first, later ones never.
 _OVERFLOW: Final[Message] = (_OVERFLOW_PAYLOAD, b"")
+#: ``_peer_raw`` before the transport was asked (it may answer None).
+_UNREAD: Final = object()
 
 
 def _selector_transport() -> type | None:
@@ -153,6 +156,7 @@ class TcpEndpoint:
         "_pause_reasons",
         "_paused_at",
         "_peer",
+        "_peer_raw",
         "_peer_read",
         "_pending",
         "_registered",
@@ -230,6 +234,7 @@ class TcpEndpoint:
         self._peer: PeerAddress | None = None
         self._local: PeerAddress | None = None
         self._peer_read = self._local_read = False
+        self._peer_raw: Any = _UNREAD  # the transport's peername, once asked
         self.id = ctx.next_id()
         self.bytes_in = self.bytes_out = self.messages_in = self.messages_out = 0
         #: The load balancer, when a PROXY header named the client (see set_proxied).
@@ -274,7 +279,7 @@ class TcpEndpoint:
             ctx.arrivals[self] = None  # into the wheel at the next tick, if still open
         if ctx.info:
             if (fast := ctx.connection_log) is not None:
-                self._log_peer = fast.opened(self.network, format_peer(self.peer), self.id)
+                self._log_peer = fast.opened(self.network, self._peer_text(), self.id)
             else:
                 self.log.info("connection_opened")
         self._batch = []
@@ -444,7 +449,7 @@ class TcpEndpoint:
     def peer(self) -> PeerAddress | None:
         """The client's address; ``None`` when the socket could not tell (reset at once)."""
         if not self._peer_read:
-            self._peer = self._address("peername")
+            self._peer = self._address(self._raw_peer(), "peername")
             self._peer_read = True
         return self._peer
 
@@ -452,16 +457,35 @@ class TcpEndpoint:
     def local(self) -> PeerAddress | None:
         """The listener's address the client reached."""
         if not self._local_read:
-            self._local = self._address("sockname")
+            self._local = self._address(self._extra("sockname"), "sockname")
             self._local_read = True
         return self._local
 
-    def _address(self, name: str) -> PeerAddress | None:
+    def _raw_peer(self) -> Any:
+        """The transport's ``peername``, asked once."""
+        raw = self._peer_raw
+        if raw is _UNREAD:
+            raw = self._peer_raw = self._extra("peername")
+        return raw
+
+    def _peer_text(self) -> str:
+        """The peer as the log lines show it. An IP peer nothing has asked ``peer`` for is
+        written from the socket's tuple, with no :class:`InetAddress` made for it."""
+        if not self._peer_read:
+            text = inet_text(self._raw_peer())
+            if text is not None:
+                return text
+        return format_peer(self.peer)
+
+    def _extra(self, name: str) -> Any:
         transport = self._transport
         try:
-            raw = transport.get_extra_info(name) if transport else None
+            return transport.get_extra_info(name) if transport else None
         except OSError:  # uvloop asks the socket, which may be closed already
             return None
+
+    def _address(self, raw: Any, name: str) -> PeerAddress | None:
+        transport = self._transport
         if isinstance(raw, str | bytes):  # AF_UNIX: a path, empty for an unnamed end
             # The peer's process credentials come with it (netframe._unix).
             sock = transport.get_extra_info("socket") if name == "peername" and transport else None
@@ -485,7 +509,7 @@ class TcpEndpoint:
         """This connection's logger: ``transport``, ``peer`` and ``conn`` bound."""
         if self._log is None:
             self._log = self._ctx.log.bind(
-                transport=self.network, peer=format_peer(self.peer), conn=self.id
+                transport=self.network, peer=self._peer_text(), conn=self.id
             )
         return self._log
 
