@@ -7,6 +7,7 @@ them, so the tests check what happens, never how fast.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import socket
@@ -660,7 +661,12 @@ async def test_on_the_standard_loop_what_the_socket_does_not_take_is_queued_in_o
         text = False
 
         def on_connect(self, conn: Connection) -> None:
-            writes.append(_Writes(conn._transport))  # type: ignore[attr-defined]
+            transport = conn._transport  # type: ignore[attr-defined]
+            # Small, so that the reply cannot fit in the kernel's buffers on any host.
+            transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 65536
+            )
+            writes.append(_Writes(transport))
 
         def on_message(self, conn: Connection, message: bytes) -> None:
             conn.send(big if message == b"big" else message)
@@ -688,6 +694,37 @@ async def test_on_the_standard_loop_what_the_socket_does_not_take_is_queued_in_o
         sock.close()
     assert received == expected
     assert writes[0].calls[0] < len(big) + 1  # the big reply went out in part
+
+
+@pytest.mark.asyncio
+async def test_a_connection_is_freed_when_it_ends_not_left_to_the_cyclic_collector() -> None:
+    # Its endpoint (and with it the handler, the framer, what it held) goes by reference
+    # counting as the connection ends, however it ends: no cycle through the transport.
+    from netframe.tcp import TcpEndpoint
+
+    def endpoints() -> int:
+        return sum(1 for obj in gc.get_objects() if type(obj) is TcpEndpoint)
+
+    gc.collect()
+    gc.disable()
+    try:
+        async with serving(framing="line", **TCP_ONLY) as server:
+            before = endpoints()
+            for ending in ("exit", "close", "reset"):
+                for _ in range(5):
+                    reader, writer = await connect(server)
+                    writer.write(b"name\n" + (b"exit\n" if ending == "exit" else b""))
+                    await asyncio.wait_for(reader.readuntil(b"Hello, name!\n"), 15)
+                    if ending == "reset":
+                        sock = writer.get_extra_info("socket")
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                    writer.close()
+            await wait_until(lambda: server.connection_count == 0)
+            for _ in range(10):  # the loop's own callbacks that still hold them
+                await asyncio.sleep(0)
+            assert endpoints() == before
+    finally:
+        gc.enable()
 
 
 # -- user framers, wrapped for the compiled endpoint (netframe.framing.ForeignFramer) -------

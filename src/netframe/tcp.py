@@ -114,7 +114,7 @@ class _Transport(Protocol):
     uvloop's transports implement the interface without subclassing it, and compiled
     code checks the class of what it stores."""
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes | memoryview) -> None: ...
     def close(self) -> None: ...
     def abort(self) -> None: ...
     def is_closing(self) -> bool: ...
@@ -366,6 +366,12 @@ class TcpEndpoint:
     def connection_lost(self, exc: Exception | None) -> None:
         ctx = self._ctx
         self._closing = True
+        if self._sock is not None:
+            # The hook names this endpoint: left in place, transport and endpoint (and
+            # its handler) would wait for the cyclic collector instead of going now.
+            self._sock = None
+            transport_any: Any = self._transport
+            transport_any._read_ready_cb = None
         if not self._registered:
             return
         self._registered = False
@@ -761,11 +767,14 @@ class TcpEndpoint:
                     sent = sock.send(data)
                 except (BlockingIOError, InterruptedError):
                     sent = 0
-                except OSError:
-                    sent = 0  # write meets the error again and fails the transport as usual
+                except OSError as exc:  # as write() itself fails the transport
+                    state._fatal_error(exc, "Fatal write error on socket transport")
+                    return
                 if sent == len(data):
                     return
-                data = data[sent:]
+                if sent:
+                    transport.write(memoryview(data)[sent:])  # the rest, not a copy
+                    return
         transport.write(data)
 
     def _adopt(self, transport: Any) -> None:
@@ -773,6 +782,10 @@ class TcpEndpoint:
         rather than through its Python methods. The transport keeps its registration,
         buffer, flow control and closing; only the plain read and the unbuffered send are
         taken over, with its own code for everything else (errors, end of input)."""
+        # (No write_eof() on this loop, where netframe never sends one, and no sendfile():
+        # the two states of the transport's write() that _send_out does not check.)
+        if not (hasattr(transport, "_buffer") and hasattr(transport, "_conn_lost")):
+            return  # what _send_out reads, per reply
         try:
             sock = transport._sock
             transport._read_ready_cb = self._on_readable
