@@ -727,7 +727,10 @@ class TcpEndpoint:
             data = batch[0] if len(batch) == 1 else b"".join(batch)
             self.bytes_out += len(data)
             self._seen = self._ctx.now
-            self._send_out(transport, data)
+            if self._sock is None:  # not stock asyncio's transport: no call to _send_out
+                transport.write(data)
+            else:
+                self._send_out(transport, data)
         if self._closing:
             self._close_transport()
         elif self._ctx.stopping and not self._busy():
