@@ -10,6 +10,8 @@
   Every wait is bounded by ``REPLY_TIMEOUT_S`` (generous: a busy machine is slow, never
   this slow), every loop by a count or a size as well.
 - ``netframe serve`` subprocesses read through their JSON log (:class:`CliServer`).
+- A suite started with SIGINT ignored (a background job of a non-interactive shell) gives
+  the processes it starts Ctrl+C back, or the tests of Ctrl+C would test the shell.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -35,6 +38,11 @@ import netframe
 from netframe import Server
 from netframe.config import Address
 from netframe.logs import configure_logging
+
+# Ignored signals stay ignored across exec, handled ones go back to their default: with a
+# handler here, every child starts with SIGINT as an interactive shell would give it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 LOOPS: Mapping[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
