@@ -69,8 +69,8 @@ def inet_text(sockaddr: object) -> str | None:
     port = sockaddr[1]
     if type(host) is not str or type(port) is not int:
         return None
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
+    if host.startswith("::ffff:") and "." in host:  # unmapped_host's rule, inlined: a
+        host = host[7:]  # call to it is a Python frame (a property test holds the two equal)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
