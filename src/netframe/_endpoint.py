@@ -321,8 +321,11 @@ class EndpointContext:
         self.message_timeout_s = config.message_timeout_s
         self.send_timeout_s = config.send_timeout_s
         self.max_pending_messages = config.max_pending_messages
-        self.write_buffer_high_bytes = config.write_buffer_high_bytes
-        self.write_buffer_low_bytes = config.write_buffer_low_bytes
+        # Any, here and in read_size: values only ever handed to the transport, kept as
+        # the Python ints they are. Typed int, the compiled build would store them unboxed
+        # and make a new int object (above 256) for every call that passes one.
+        self.write_buffer_high_bytes: Any = config.write_buffer_high_bytes
+        self.write_buffer_low_bytes: Any = config.write_buffer_low_bytes
         self.handler_factory = handler_factory
         # The hooks of the handler class met last (usually the only one).
         self.hooks = DYNAMIC_HOOKS
@@ -340,7 +343,7 @@ class EndpointContext:
         self.read_buffer = memoryview(bytearray(READ_BUFFER_BYTES))
         # Bytes the loop's transport reads per recv() for a plain Protocol, when the
         # server sets it (the standard loop, see Server._serve_stream); 0: the loop's own.
-        self.read_size = 0
+        self.read_size: Any = 0
         # Connections opened since the last tick: their first deadline check enters the
         # wheel at the tick, so a connection that closes before it never touches the wheel.
         # A dict (kept in order), so that one that closes leaves it at once: held here

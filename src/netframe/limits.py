@@ -64,8 +64,11 @@ class DeadlineWheel(Generic[T]):
 
     def cancel(self, item: T) -> None:
         """Forget ``item`` (nothing happens if it is not scheduled)."""
-        slot = self._slot_of.pop(item, None)
+        # get and del rather than pop(item, None): the compiled build calls dict.get and
+        # del natively, pop as a Python method.
+        slot = self._slot_of.get(item)
         if slot is not None:
+            del self._slot_of[item]
             del self._slots[slot][item]
 
     def due(self, now: float) -> list[T]:

@@ -377,7 +377,9 @@ class TcpEndpoint:
         self._registered = False
         ctx.connections.discard(self)
         if self._check_at != math.inf:  # in the wheel, or waiting for it among the arrivals
-            ctx.arrivals.pop(self, None)
+            arrivals = ctx.arrivals
+            if self in arrivals:  # (compiled: in and del are native, pop is a method call)
+                del arrivals[self]
             ctx.wheel.cancel(self)
         if self._ip is not None:
             left = ctx.per_ip[self._ip] - 1
