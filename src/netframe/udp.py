@@ -134,9 +134,11 @@ class UdpEndpoint:
         "_allow_ports",
         "_limiter",
         "_max_bytes",
+        "_on_message",
         "_paused",
         "_summary",
         "_tasks",
+        "_text",
         "_transport",
         "ctx",
         "handler",
@@ -148,6 +150,10 @@ class UdpEndpoint:
         config = ctx.config
         self.ctx = ctx
         self.handler = handler
+        # The one handler's method and text flag, looked up once for the listener's
+        # life rather than by name for every datagram.
+        self._on_message = handler.on_message
+        self._text = bool(handler.text)
         self.log: FilteringBoundLogger = ctx.log.bind(transport="udp")
         self._transport: _DatagramTransport | None = None
         #: The listener's own address, ``conn.local`` of every datagram it receives.
@@ -192,7 +198,7 @@ class UdpEndpoint:
         if ctx.debug:
             self.log.debug("datagram_received", peer=format_peer(addr), size=len(data))
         message: str | bytes = payload
-        if self.handler.text:
+        if self._text:
             try:
                 message = payload.decode() if ctx.utf8 else payload.decode(ctx.encoding)
             except UnicodeDecodeError:
@@ -200,7 +206,7 @@ class UdpEndpoint:
                 return
         peer = UdpPeer(self, addr, terminator)
         try:
-            result = self.handler.on_message(peer, message)
+            result = self._on_message(peer, message)
         except Exception:
             self._handler_failed(addr)
             return
