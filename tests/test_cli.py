@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -159,6 +160,37 @@ def test_bound_addresses_are_logged_at_any_level(
     assert server.stop() == 0
     # Only the start-up lines are exempt from the level: nothing per connection shows.
     assert {e["event"] for e in server.events} == {"listening", "serving"}
+
+
+def test_udp_is_bound_before_tcp_takes_connections(loop_name: str) -> None:
+    """A client that waits for the TCP port, as health checks and load generators do,
+    then sends a datagram at once must get its answer: the UDP socket is bound first.
+    (Before, the standard loop lost that datagram about one start in five.)"""
+    for _ in range(3):
+        with socket.socket() as probe:  # a port free for both TCP and UDP, most likely
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        where = f"127.0.0.1:{port}"
+        server = CliServer(["--loop", loop_name, "--tcp", where, "--udp", where])
+        try:
+            deadline = time.monotonic() + 15
+            while True:
+                assert server.proc.poll() is None, server.events
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "the TCP port never took a connection"
+                    time.sleep(0.01)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+                client.settimeout(10)
+                client.sendto(b"Bob", ("127.0.0.1", port))
+                assert client.recvfrom(100)[0] == b"Hello, Bob!"
+            server.wait_for("serving")
+            listening = [e["transport"] for e in server.events if e["event"] == "listening"]
+            assert listening == ["udp", "tcp"]
+        finally:
+            server.kill()
 
 
 def test_console_log_format_is_readable_text() -> None:

@@ -69,20 +69,7 @@ def bind_groups(config: Config, count: int) -> Listeners:
     listeners = Listeners()
     groups = listeners.groups
     try:
-        for address in config.tcp_addresses:
-            try:
-                infos = socket.getaddrinfo(
-                    address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-                )
-                for family, type_, proto, _, sockaddr in dict.fromkeys(infos):
-                    groups.append(
-                        _bind_group(
-                            family, type_, proto, sockaddr, count,
-                            prepare=prepare_tcp_listener, backlog=config.backlog,
-                        )
-                    )  # fmt: skip
-            except OSError as exc:
-                raise listen_error("tcp", address, exc) from None
+        # UDP first, as a single server binds (Server.start).
         for address in config.udp_addresses:
             size = config.udp_receive_buffer_bytes
             try:
@@ -98,6 +85,20 @@ def bind_groups(config: Config, count: int) -> Listeners:
                 )  # fmt: skip
             except OSError as exc:
                 raise listen_error("udp", address, exc) from None
+        for address in config.tcp_addresses:
+            try:
+                infos = socket.getaddrinfo(
+                    address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                )
+                for family, type_, proto, _, sockaddr in dict.fromkeys(infos):
+                    groups.append(
+                        _bind_group(
+                            family, type_, proto, sockaddr, count,
+                            prepare=prepare_tcp_listener, backlog=config.backlog,
+                        )
+                    )  # fmt: skip
+            except OSError as exc:
+                raise listen_error("tcp", address, exc) from None
         for path in config.unix:
             try:
                 bound = bind_unix_listener(

@@ -89,6 +89,8 @@ class BoundAddress:
         return f"{self.transport} {Address(self.host, self.port)}"
 
 
+#: Server.addresses lists TCP, then UDP, then Unix listeners, whatever order they bound in.
+_LISTED_ORDER: Final = {"tcp": 0, "udp": 1, "unix": 2}
 #: Bytes the standard loop's transports read per recv() (see Server._serve_stream).
 STANDARD_READ_BYTES: Final = 64 * 1024
 
@@ -251,12 +253,16 @@ class Server:
                 for kind, sock in self._given:
                     await self._adopt(ctx, kind, sock)
             else:
-                for address in self.config.tcp_addresses:
-                    await self._listen_tcp(ctx, address)
+                # UDP first: a client that waits until the TCP port takes connections
+                # (as health checks and load generators do) must find UDP bound too, not
+                # lose its first datagram while UDP's address is still being resolved.
                 for address in self.config.udp_addresses:
                     await self._listen_udp(ctx, address)
+                for address in self.config.tcp_addresses:
+                    await self._listen_tcp(ctx, address)
                 for path in self.config.unix:
                     await self._listen_unix(ctx, path)
+            self._addresses.sort(key=lambda bound: _LISTED_ORDER[bound.transport])
         except BaseException:
             self._close_listeners()
             self._close_metrics()
