@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import shutil
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -256,3 +258,38 @@ def test_a_server_whose_library_is_missing_is_skipped_in_one_line(
     assert out.startswith("skipping twisted-epoll, anyio-uvloop: ")
     assert "no_such_library_here" in out
     assert INSTALL in out
+
+
+@pytest.fixture(scope="module")
+def c_sessions(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """benchmarks/c_sessions.c, built (``cpu_split.py``'s load generator)."""
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler (cc)")
+    binary = tmp_path_factory.mktemp("c") / "c_sessions"
+    subprocess.run(["cc", "-O2", "-o", str(binary), str(BENCHMARKS / "c_sessions.c")], check=True)
+    return binary
+
+
+@pytest.mark.parametrize("name", ["netframe-uvloop", "netframe-asyncio", "raw-uvloop"])
+def test_the_c_session_client_completes_sessions_without_errors(
+    c_sessions: Path, name: str
+) -> None:
+    with started(name, "bare-greeting") as port:
+        done = subprocess.run(
+            [str(c_sessions), str(port), "4", "0.5", "0.1"],
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+    sessions, errors, _ = done.stdout.split()
+    assert int(sessions) > 0
+    assert int(errors) == 0
+
+
+def test_the_c_session_client_counts_a_wrong_greeting_as_an_error(c_sessions: Path) -> None:
+    with started("raw-uvloop", "greeting") as port:  # "Welcome!\n": not the bare exchange
+        done = subprocess.run(
+            [str(c_sessions), str(port), "2", "0.3", "0"],
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+    sessions, errors, _ = done.stdout.split()
+    assert int(sessions) == 0
+    assert int(errors) > 0

@@ -1,0 +1,148 @@
+"""Server CPU per bare session in user and system time, netframe against the raw server,
+with a load generator in C.
+
+    python benchmarks/cpu_split.py                      # 6 interleaved rounds, uvloop
+    python benchmarks/cpu_split.py --rounds 4 --loop asyncio
+
+The comparison suite's figure is user + system time per operation, driven by netframe's
+own Python load generator, which can keep the server only about half busy on a two-core
+machine. This drives the seeds' bare session (``benchmarks/c_sessions.c``, built with
+``cc``) from a client that costs far less, so the server runs closer to its limit, as an
+outside load generator in C would have it, and it splits the server's time into user
+time (netframe's code, the interpreter, the loop) and system time (the kernel's TCP
+work, which is the same for both servers), so a round that moved can be told apart from
+a server that did more. Server on the first CPU, client on the second; the figures are
+``utime`` and ``stime`` from ``/proc/PID/stat`` over the measured seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) seconds the process has run."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / TICKS_PER_S, int(fields[12]) / TICKS_PER_S
+
+
+def server_argv(side: str, loop: str, port: int, python: str) -> list[str]:
+    if side == "netframe":
+        return [python, "-m", "netframe", "serve", "--tcp", f"127.0.0.1:{port}",
+                "--loop", loop, "--log-level", "warning"]  # fmt: skip
+    return [sys.executable, str(HERE / "servers" / "raw_protocol.py"), "--port", str(port),
+            "--handler", "bare-greeting", "--loop", loop]  # fmt: skip
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
+    import socket
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with status {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("the server did not start listening")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def one_run(
+    client: Path, side: str, args: argparse.Namespace, cpus: tuple[int, int]
+) -> tuple[float, float, float]:
+    """(sessions a second, user µs a session, system µs a session) of one run."""
+    port = free_port()
+    server = subprocess.Popen(
+        server_argv(side, args.loop, port, args.python),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        os.sched_setaffinity(server.pid, {cpus[0]})
+        wait_listening(port, server)
+        load = subprocess.Popen(
+            [str(client), str(port), str(args.conns), str(args.duration), str(args.warmup)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        os.sched_setaffinity(load.pid, {cpus[1]})
+        time.sleep(args.warmup)
+        user0, system0 = cpu_seconds(server.pid)
+        began = time.monotonic()
+        out, _ = load.communicate(timeout=args.duration + args.warmup + 30)
+        user1, system1 = cpu_seconds(server.pid)
+        span = time.monotonic() - began
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(15)
+    sessions, errors, window = out.split()
+    if int(errors):
+        print(f"  ! {side}: {errors} sessions went wrong")
+    rate = int(sessions) / float(window)
+    per_session = 1e6 / (rate * span)
+    return rate, (user1 - user0) * per_session, (system1 - system0) * per_session
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds measured per run")
+    parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--conns", type=int, default=20)
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument("--python", default=sys.executable,
+                        help="the interpreter whose netframe is measured")  # fmt: skip
+    args = parser.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 or shutil.which("cc") is None:
+        print("benchmarks/cpu_split.py needs two CPUs and a C compiler (cc)")
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        client = Path(tmp) / "c_sessions"
+        subprocess.run(["cc", "-O2", "-o", str(client), str(HERE / "c_sessions.c")], check=True)
+        runs: dict[str, list[tuple[float, float, float]]] = {"netframe": [], "raw": []}
+        for number in range(1, args.rounds + 1):
+            for side, found in runs.items():
+                rate, user, system = one_run(client, side, args, (cpus[0], cpus[1]))
+                found.append((rate, user, system))
+                print(f"round {number}  {side:8} {rate:8,.0f} sessions/s  user {user:6.2f}  "
+                      f"system {system:6.2f}  total {user + system:6.2f} µs a session")  # fmt: skip
+    print(f"\nmedians over {args.rounds} rounds ({args.loop}), µs a session:")
+    for side, found in runs.items():
+        user, system = (statistics.median(run[i] for run in found) for i in (1, 2))
+        print(f"  {side:8} user {user:6.2f}  system {system:6.2f}")
+    ratios = [
+        (mine[1] + mine[2]) / (raw[1] + raw[2])
+        for mine, raw in zip(runs["netframe"], runs["raw"], strict=True)
+    ]
+    users = [mine[1] / raw[1] for mine, raw in zip(runs["netframe"], runs["raw"], strict=True)]
+    print("  netframe / raw, total per round: " + " ".join(f"{r:.3f}" for r in ratios)
+          + f"  (median {statistics.median(ratios):.3f})")  # fmt: skip
+    print("  netframe / raw, user per round:  " + " ".join(f"{r:.3f}" for r in users)
+          + f"  (median {statistics.median(users):.3f})")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
