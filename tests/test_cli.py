@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import queue
 import select
@@ -93,6 +94,44 @@ def test_address_in_use_names_it_and_fails(cli_server: Callable[..., CliServer])
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert f"cannot listen on tcp {host}:{port}" in done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        # 192.0.2.1 (TEST-NET-1) is no address of this machine: bind() refuses it, and
+        # nothing is sent anywhere.
+        (["--tcp", "192.0.2.1:0"], "cannot listen on tcp 192.0.2.1:0: Cannot assign"),
+        (["--udp", "192.0.2.1:0"], "cannot listen on udp 192.0.2.1:0: Cannot assign"),
+        (["--workers", "2", "--tcp", "192.0.2.1:0"], "cannot listen on tcp 192.0.2.1:0"),
+        (["--unix", "/no/such/directory/n.sock"], "cannot listen on unix /no/such/directory"),
+    ],
+)
+def test_an_address_that_cannot_exist_here_is_a_usage_error(args: list[str], text: str) -> None:
+    """Unlike an address in use (status 1, above), trying again will not help."""
+    assert_one_line_error(run_netframe("serve", *args), 2, text)
+
+
+def test_a_name_that_does_not_resolve_is_a_wrong_address_and_a_resolver_failure_is_not() -> None:
+    # (Checked on the errors themselves: looking a name up for real would ask a DNS server.)
+    from netframe._errors import name_not_found
+    from netframe.server import listen_error
+
+    unknown = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    later = socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+    assert name_not_found(unknown)
+    assert not name_not_found(later)
+    assert listen_error("tcp", "nowhere.invalid:1", unknown).wrong_address
+    assert not listen_error("tcp", "example.org:1", later).wrong_address
+    in_use = OSError(errno.EADDRINUSE, "Address already in use")
+    assert not listen_error("tcp", "127.0.0.1:1", in_use).wrong_address
+    # The client's side of the same rule (status 2 for a name, 1 for a refusal).
+    from netframe.client import _unreachable
+
+    assert _unreachable("cannot connect to nowhere.invalid:1", unknown).wrong_address
+    refused = _unreachable("cannot connect to 127.0.0.1:1", ConnectionRefusedError(111, "no"))
+    assert not refused.wrong_address
+    assert str(refused) == "cannot connect to 127.0.0.1:1: no"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -257,9 +257,10 @@ def test_a_path_that_is_not_a_socket_is_refused_and_kept(sock_path: str, kind: s
 
 
 def test_a_directory_that_does_not_exist_is_named(sock_path: str) -> None:
+    # A wrong address, as an IP address of no interface is: a usage error (status 2).
     missing = os.path.join(os.path.dirname(sock_path), "no", "app.sock")
     assert_one_line_error(
-        run_netframe("serve", "--unix", missing), 1, f"unix {missing}: No such file or directory"
+        run_netframe("serve", "--unix", missing), 2, f"unix {missing}: No such file or directory"
     )
 
 

@@ -279,8 +279,8 @@ def _serve(args: argparse.Namespace) -> int:
         return run(Config.load(args.config_file, **flags))
     except (ConfigError, HandlerError, LoopUnavailable) as exc:
         return _fail(str(exc), EXIT_USAGE)
-    except ListenError as exc:
-        return _fail(exc.strerror or str(exc), EXIT_FAILURE)
+    except ListenError as exc:  # a wrong address is a usage error; one in use is not
+        return _fail(exc.strerror or str(exc), EXIT_USAGE if exc.wrong_address else EXIT_FAILURE)
     except StartError as exc:  # its traceback is in the log
         return _fail(str(exc), EXIT_FAILURE)
 
@@ -325,8 +325,8 @@ def _client(args: argparse.Namespace) -> int:
             runner.run(session())
     except InputError as exc:
         return _fail(str(exc), EXIT_USAGE)
-    except ClientError as exc:
-        return _fail(str(exc), EXIT_FAILURE)
+    except ClientError as exc:  # a host name that does not resolve is a usage error
+        return _fail(str(exc), EXIT_USAGE if exc.wrong_address else EXIT_FAILURE)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:

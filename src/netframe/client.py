@@ -18,7 +18,7 @@ import ssl
 from collections.abc import Awaitable
 from typing import Any, cast
 
-from netframe._errors import Error
+from netframe._errors import Error, name_not_found
 from netframe.config import ConfigError, Framing
 from netframe.framing import LineFramer, RawFramer
 
@@ -29,7 +29,19 @@ _MAX_REPLY_BYTES = 16 * 1024 * 1024
 
 
 class ClientError(Error, ConnectionError):
-    """The server could not be reached, timed out, or closed early; the text says which."""
+    """The server could not be reached, timed out, or closed early; the text says which.
+
+    ``wrong_address`` is True when the host name does not resolve: a mistake in the
+    address, which the command line reports with exit status 2 rather than 1.
+    """
+
+    wrong_address: bool = False
+
+
+def _unreachable(message: str, exc: OSError) -> ClientError:
+    error = ClientError(f"{message}: {exc.strerror or exc}")
+    error.wrong_address = name_not_found(exc)
+    return error
 
 
 def tls_context(
@@ -191,7 +203,7 @@ class TcpClient:
         except ssl.SSLError as exc:
             raise ClientError(f"TLS with {where} failed: {_reason(exc)}") from None
         except OSError as exc:
-            raise ClientError(f"cannot connect to {where}: {exc.strerror or exc}") from None
+            raise _unreachable(f"cannot connect to {where}", exc) from None
         return cls(protocol, framing, timeout_s)
 
     @property
@@ -322,7 +334,7 @@ class UdpClient:
                 _DatagramReceiver, remote_addr=(host, port)
             )
         except OSError as exc:
-            raise ClientError(f"cannot reach {host}:{port}: {exc.strerror or exc}") from None
+            raise _unreachable(f"cannot reach {host}:{port}", exc) from None
         return cls(transport, protocol, timeout_s)
 
     def send(self, message: str | bytes, encoding: str = "utf-8") -> None:

@@ -39,7 +39,7 @@ from typing import Any, Final, Literal
 from netframe._build import BUILD
 from netframe._datagram import open_datagram_endpoint, serve_datagram_socket
 from netframe._endpoint import TICK_S, EndpointContext
-from netframe._errors import Error
+from netframe._errors import Error, name_not_found
 from netframe._metrics_http import bind_metrics, serve_metrics
 from netframe._proxy_gate import ProxyGates
 from netframe._ticker import Ticker, start_ticker
@@ -68,7 +68,16 @@ class StartError(Error, RuntimeError):
 
 
 class ListenError(Error, OSError):
-    """A listener could not be bound; the message names the transport and address."""
+    """A listener could not be bound; the message names the transport and address.
+
+    ``wrong_address`` is True when the address itself is the mistake (a host name that
+    does not resolve, an IP address this machine does not have, a Unix socket path in a
+    directory that does not exist), False when the machine's state is (the address is in
+    use, the port needs privileges, the path is a live socket): the command line exits
+    with status 2 for the first, 1 for the second.
+    """
+
+    wrong_address: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -915,7 +924,14 @@ def prepare_tcp_listener(sock: socket.socket) -> None:
 
 def listen_error(transport: str, address: object, exc: OSError) -> ListenError:
     """The error for a listener that cannot be bound, naming the transport and address."""
-    return ListenError(exc.errno, f"cannot listen on {transport} {address}: {_reason(exc)}")
+    error = ListenError(exc.errno, f"cannot listen on {transport} {address}: {_reason(exc)}")
+    error.wrong_address = name_not_found(exc) or exc.errno in _NO_SUCH_ADDRESS
+    return error
+
+
+#: bind()'s errors for an address that cannot exist here: an IP address of no interface
+#: of this machine, a Unix socket path whose directory does not exist.
+_NO_SUCH_ADDRESS: Final = frozenset({errno.EADDRNOTAVAIL, errno.ENOENT})
 
 
 def _open_file_limits() -> tuple[int, int] | None:
