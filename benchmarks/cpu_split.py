@@ -28,6 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from netframe.bench._options import BenchError
+from netframe.bench._run import free_port, wait_until_listening
+
 HERE = Path(__file__).resolve().parent
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
@@ -46,30 +49,6 @@ def server_argv(side: str, loop: str, port: int, python: str) -> list[str]:
             "--handler", "bare-greeting", "--loop", loop]  # fmt: skip
 
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
-    import socket
-
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with status {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("the server did not start listening")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def one_run(
     client: Path, side: str, args: argparse.Namespace, cpus: tuple[int, int]
 ) -> tuple[float, float, float]:
@@ -81,7 +60,7 @@ def one_run(
     )  # fmt: skip
     try:
         os.sched_setaffinity(server.pid, {cpus[0]})
-        wait_listening(port, server)
+        wait_until_listening("127.0.0.1", port, server)
         load = subprocess.Popen(
             [str(client), str(port), str(args.conns), str(args.duration), str(args.warmup)],
             stdout=subprocess.PIPE, text=True,
@@ -124,7 +103,11 @@ def main() -> int:
         runs: dict[str, list[tuple[float, float, float]]] = {"netframe": [], "raw": []}
         for number in range(1, args.rounds + 1):
             for side, found in runs.items():
-                rate, user, system = one_run(client, side, args, (cpus[0], cpus[1]))
+                try:
+                    rate, user, system = one_run(client, side, args, (cpus[0], cpus[1]))
+                except BenchError as exc:
+                    print(f"{side}: {exc}")
+                    return 1
                 found.append((rate, user, system))
                 print(f"round {number}  {side:8} {rate:8,.0f} sessions/s  user {user:6.2f}  "
                       f"system {system:6.2f}  total {user + system:6.2f} µs a session")  # fmt: skip
