@@ -69,7 +69,12 @@ def one_run(
         time.sleep(args.warmup)
         user0, system0 = cpu_seconds(server.pid)
         began = time.monotonic()
-        out, _ = load.communicate(timeout=args.duration + args.warmup + 30)
+        try:
+            out, _ = load.communicate(timeout=args.duration + args.warmup + 30)
+        finally:
+            if load.poll() is None:
+                load.kill()
+                load.wait()
         user1, system1 = cpu_seconds(server.pid)
         span = time.monotonic() - began
     finally:
@@ -78,6 +83,8 @@ def one_run(
     sessions, errors, window = out.split()
     if int(errors):
         print(f"  ! {side}: {errors} sessions went wrong")
+    if not int(sessions):
+        raise BenchError("no session completed (is it the seeds' bare exchange?)")
     rate = int(sessions) / float(window)
     per_session = 1e6 / (rate * span)
     return rate, (user1 - user0) * per_session, (system1 - system0) * per_session

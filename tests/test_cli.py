@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import CliServer, assert_one_line_error, run_netframe
 
+from netframe.bench._run import free_port
+
 
 @pytest.mark.parametrize(
     ("args", "text"),
@@ -108,7 +110,7 @@ def test_address_in_use_names_it_and_fails(cli_server: Callable[..., CliServer])
     ],
 )
 def test_an_address_that_cannot_exist_here_is_a_usage_error(args: list[str], text: str) -> None:
-    """Unlike an address in use (status 1, above), trying again will not help."""
+    """Unlike an address in use (status 1, above), the address itself is the mistake."""
     assert_one_line_error(run_netframe("serve", *args), 2, text)
 
 
@@ -125,6 +127,13 @@ def test_a_name_that_does_not_resolve_is_a_wrong_address_and_a_resolver_failure_
     assert not listen_error("tcp", "example.org:1", later).wrong_address
     in_use = OSError(errno.EADDRINUSE, "Address already in use")
     assert not listen_error("tcp", "127.0.0.1:1", in_use).wrong_address
+    # A resolver's code is not an errno (on BSD, EAI_AGAIN is 2, as ENOENT is).
+    assert not listen_error("tcp", "example.org:1", socket.gaierror(2, "again")).wrong_address
+    # ENOENT names a missing directory only if the directory is indeed missing (the file
+    # can also vanish between bind and chmod, taken by another server's stale check).
+    gone = FileNotFoundError(errno.ENOENT, "No such file or directory")
+    assert listen_error("unix", "/no/such/directory/n.sock", gone).wrong_address
+    assert not listen_error("unix", f"{os.getcwd()}/n.sock", gone).wrong_address
     # The client's side of the same rule (status 2 for a name, 1 for a refusal).
     from netframe.client import _unreachable
 
@@ -206,9 +215,7 @@ def test_udp_is_bound_before_tcp_takes_connections(loop_name: str) -> None:
     then sends a datagram at once must get its answer: the UDP socket is bound first.
     (Before, the standard loop lost that datagram about one start in five.)"""
     for _ in range(3):
-        with socket.socket() as probe:  # a port free for both TCP and UDP, most likely
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()  # free for both TCP and UDP
         where = f"127.0.0.1:{port}"
         server = CliServer(["--loop", loop_name, "--tcp", where, "--udp", where])
         try:

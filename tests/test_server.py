@@ -317,6 +317,23 @@ async def test_address_in_use_names_the_address_and_binds_nothing() -> None:
             probe.bind(("127.0.0.1", free_port))
 
 
+async def test_a_udp_port_bound_before_a_failing_tcp_bind_is_released_at_once() -> None:
+    # UDP binds before TCP. When the TCP address is in use, the UDP port bound just
+    # before must be free again once start() has raised (uvloop closes a datagram
+    # socket one loop turn after close(): start() waits for that turn).
+    async with serving(tcp=["127.0.0.1:0"]) as first:
+        host, port = first.address("tcp")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            udp_port = probe.getsockname()[1]
+        second = Server(tcp=[f"{host}:{port}"], udp=[f"127.0.0.1:{udp_port}"])
+        with pytest.raises(ListenError, match=f"tcp {host}:{port}"):
+            await second.start()
+        assert second.addresses == []
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", udp_port))
+
+
 class FailsOnce(Handler):
     """A handler whose construction fails the first time (a transient error)."""
 

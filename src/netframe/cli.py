@@ -2,7 +2,9 @@
 
 Each ``serve`` flag maps onto one :class:`~netframe.Config` field. Mistakes on the
 command line (a bad flag, a malformed address, an unknown handler or loop) are one line
-on stderr and exit status 2; a server that cannot bind its address exits 1 naming it.
+on stderr and exit status 2, and so is an address that cannot exist here (a name that
+does not resolve, an IP address this machine does not have); a server that cannot bind
+an address it could have (in use, a privileged port) exits 1 naming it.
 """
 
 from __future__ import annotations

@@ -185,7 +185,8 @@ class Server:
 
     @property
     def addresses(self) -> list[BoundAddress]:
-        """Every address bound, in the order the listeners were given (after start)."""
+        """Every address bound (after start): the TCP listeners, then UDP, then Unix, each
+        kind in the order given."""
         return list(self._addresses)
 
     def address(self, transport: str = "tcp") -> tuple[str, int]:
@@ -279,6 +280,9 @@ class Server:
                 sock.close()
             self._addresses.clear()
             self._ctx = None
+            # uvloop closes a datagram transport's socket on the loop's next turn: without
+            # it, the UDP port bound before a TCP bind failed would outlive the failure.
+            await asyncio.sleep(0)
             await self._stop_hook()
             raise
         ctx.max_connections = self._connection_cap()
@@ -925,13 +929,15 @@ def prepare_tcp_listener(sock: socket.socket) -> None:
 def listen_error(transport: str, address: object, exc: OSError) -> ListenError:
     """The error for a listener that cannot be bound, naming the transport and address."""
     error = ListenError(exc.errno, f"cannot listen on {transport} {address}: {_reason(exc)}")
-    error.wrong_address = name_not_found(exc) or exc.errno in _NO_SUCH_ADDRESS
+    if isinstance(exc, socket.gaierror):  # its numbers are not errno's (EAI_AGAIN is 2 on BSD)
+        error.wrong_address = name_not_found(exc)
+    elif exc.errno == errno.EADDRNOTAVAIL:  # an IP address of no interface of this machine
+        error.wrong_address = True
+    elif exc.errno == errno.ENOENT and transport == "unix":
+        # A Unix socket path whose directory does not exist (and not a file removed
+        # between bind and chmod by another server starting on the same path).
+        error.wrong_address = not os.path.isdir(os.path.dirname(str(address)) or ".")
     return error
-
-
-#: bind()'s errors for an address that cannot exist here: an IP address of no interface
-#: of this machine, a Unix socket path whose directory does not exist.
-_NO_SUCH_ADDRESS: Final = frozenset({errno.EADDRNOTAVAIL, errno.ENOENT})
 
 
 def _open_file_limits() -> tuple[int, int] | None:

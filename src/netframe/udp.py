@@ -153,7 +153,7 @@ class UdpEndpoint:
         # The one handler's method and text flag, looked up once for the listener's
         # life rather than by name for every datagram.
         self._on_message = handler.on_message
-        self._text = bool(handler.text)
+        self._text = bool(getattr(handler, "text", True))  # (as TCP reads a duck's)
         self.log: FilteringBoundLogger = ctx.log.bind(transport="udp")
         self._transport: _DatagramTransport | None = None
         #: The listener's own address, ``conn.local`` of every datagram it receives.
