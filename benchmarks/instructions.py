@@ -1,7 +1,7 @@
 """Instructions per message on the Python hot path, netframe against the raw baseline.
 
     python benchmarks/instructions.py          # needs valgrind (callgrind)
-    python benchmarks/instructions.py bare     # only the kinds named (tcp udp session bare)
+    python benchmarks/instructions.py bare     # only the kinds named (tcp udp session bare echo)
 
 Wall-clock and CPU-time figures on a shared 2-core machine wander by several percent
 from run to run; instruction counts do not. Each case feeds messages straight into the
@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-KINDS = ("tcp", "udp", "session", "bare")
+KINDS = ("tcp", "udp", "session", "bare", "echo")
+KIB = bytes(range(256)) * 4  # the echo payload: 1 KiB
 CASES = tuple(f"{side}-{kind}" for kind in KINDS for side in ("netframe", "raw"))
 PEER = ("127.0.0.1", 50000)
 
@@ -67,6 +68,8 @@ async def drive(case: str, count: int) -> None:
     ctx = EndpointContext(Config(framing="line", udp_rate=0), handler, get_logger())
     # The tutorial's own clients: default (auto) framing, bare words.
     auto = EndpointContext(Config(udp_rate=0), handler, get_logger())
+    # The echo handler on raw framing, as the comparison suite's echo runs it.
+    echo = EndpointContext(Config(framing="raw"), resolve_handler("echo"), get_logger())
 
     def session(protocol: Any, name: bytes = b"c1\n", exit: bytes = b"exit\n") -> None:
         protocol.connection_made(FakeTransport())
@@ -115,6 +118,16 @@ async def drive(case: str, count: int) -> None:
     elif case == "raw-bare":
         for _ in range(count):
             session(raw_protocol.BareGreetingProtocol(), b"c1", b"exit")
+    elif case == "netframe-echo":
+        echoing = TcpEndpoint(echo)
+        echoing.connection_made(FakeTransport())
+        for _ in range(count):
+            echoing.data_received(KIB)
+    elif case == "raw-echo":
+        raw_echo = raw_protocol.EchoProtocol()
+        raw_echo.connection_made(FakeTransport())
+        for _ in range(count):
+            raw_echo.data_received(KIB)
 
 
 def instructions(case: str, count: int) -> int:

@@ -261,35 +261,51 @@ def test_a_server_whose_library_is_missing_is_skipped_in_one_line(
 
 
 @pytest.fixture(scope="module")
-def c_sessions(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """benchmarks/c_sessions.c, built (``cpu_split.py``'s load generator)."""
+def c_load(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """benchmarks/c_load.c, built (``cpu_split.py``'s load generator)."""
     if shutil.which("cc") is None:
         pytest.skip("no C compiler (cc)")
-    binary = tmp_path_factory.mktemp("c") / "c_sessions"
-    subprocess.run(["cc", "-O2", "-o", str(binary), str(BENCHMARKS / "c_sessions.c")], check=True)
+    binary = tmp_path_factory.mktemp("c") / "c_load"
+    subprocess.run(["cc", "-O2", "-o", str(binary), str(BENCHMARKS / "c_load.c")], check=True)
     return binary
 
 
+def run_c_load(c_load: Path, work: str, port: int, *more: str) -> tuple[int, int]:
+    """(operations, errors) of a short ``c_load`` run against ``port``."""
+    done = subprocess.run(
+        [str(c_load), work, str(port), "4", "0.5", "0.1", *more],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    operations, errors, _ = done.stdout.split()
+    return int(operations), int(errors)
+
+
 @pytest.mark.parametrize("name", ["netframe-uvloop", "netframe-asyncio", "raw-uvloop"])
-def test_the_c_session_client_completes_sessions_without_errors(
-    c_sessions: Path, name: str
+def test_the_c_load_generator_completes_bare_sessions_without_errors(
+    c_load: Path, name: str
 ) -> None:
     with started(name, "bare-greeting") as port:
-        done = subprocess.run(
-            [str(c_sessions), str(port), "4", "0.5", "0.1"],
-            capture_output=True, text=True, timeout=30, check=True,
-        )  # fmt: skip
-    sessions, errors, _ = done.stdout.split()
-    assert int(sessions) > 0
-    assert int(errors) == 0
+        sessions, errors = run_c_load(c_load, "bare", port)
+    assert sessions > 0
+    assert errors == 0
 
 
-def test_the_c_session_client_counts_a_wrong_greeting_as_an_error(c_sessions: Path) -> None:
+@pytest.mark.parametrize("name", ["netframe-uvloop", "netframe-asyncio", "raw-asyncio"])
+def test_the_c_load_generator_completes_echo_round_trips_without_errors(
+    c_load: Path, name: str
+) -> None:
+    with started(name, "echo") as port:
+        round_trips, errors = run_c_load(c_load, "echo", port, "1024")
+    assert round_trips > 0
+    assert errors == 0
+
+
+def test_the_c_load_generator_counts_a_wrong_reply_as_an_error(c_load: Path) -> None:
     with started("raw-uvloop", "greeting") as port:  # "Welcome!\n": not the bare exchange
-        done = subprocess.run(
-            [str(c_sessions), str(port), "2", "0.3", "0"],
-            capture_output=True, text=True, timeout=30, check=True,
-        )  # fmt: skip
-    sessions, errors, _ = done.stdout.split()
-    assert int(sessions) == 0
-    assert int(errors) > 0
+        sessions, errors = run_c_load(c_load, "bare", port)
+    assert sessions == 0
+    assert errors > 0
+    with started("raw-uvloop", "bare-greeting") as port:  # a greeting is not an echo
+        round_trips, errors = run_c_load(c_load, "echo", port, "64")
+    assert round_trips == 0
+    assert errors > 0
