@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import unittest.mock
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -402,6 +403,54 @@ def test_auto_framing_follows_its_rules_through_reads_timeouts_and_the_end(
             assert framer.overflow == model.overflow
             assert bytes(framer.partial) == model.partial
             assert framer.wake_after == (DELAY if model.waiting else None)
+
+
+def state(framer: Framer) -> tuple[object, ...]:
+    """Everything the endpoint reads of a framer, and the auto framer's mode."""
+    mode = framer._state if isinstance(framer, AutoFramer) else None
+    partial = bytes(framer.partial)
+    return framer.overflow, partial, framer.unparsed, framer.wake_after, mode
+
+
+def whole_then_feed(framer: Framer, data: bytes) -> list[tuple[bytes, bytes]]:
+    """What the endpoint does with a read: ``_whole`` first, ``feed`` when it declines."""
+    before = state(framer)
+    payload = framer._whole(data)
+    if payload is None:
+        assert state(framer) == before  # declined: nothing changed
+        return framer.feed(data)
+    assert data.startswith(payload)
+    assert data[len(payload) :] in (b"", b"\n", b"\r\n")
+    return [(payload, data[len(payload) :])]
+
+
+@pytest.mark.parametrize("make", [RawFramer, LineFramer, auto], ids=["raw", "line", "auto"])
+@pytest.mark.parametrize("limit", [SMALL_LIMIT, SEGMENT + 8])
+@given(events=auto_events)
+def test_a_read_taken_whole_frames_as_feed_frames_it(
+    make: Callable[[int], Framer], limit: int, events: list[bytes | str]
+) -> None:
+    """The endpoint's fast path (``Framer._whole``) gives the messages ``feed`` gives,
+    and leaves the framer as ``feed`` leaves it, whatever came before."""
+    fed, taken = make(limit), make(limit)
+    for event in events:
+        if fed.overflow:
+            break
+        if event == "timeout":
+            assert taken.timeout() == fed.timeout()
+        else:
+            assert isinstance(event, bytes)
+            assert pump(taken, whole_then_feed(taken, event)) == pump(fed, fed.feed(event))
+        assert state(taken) == state(fed)
+
+
+def test_a_user_framer_is_never_taken_whole() -> None:
+    """Only netframe's own framers are asked: a subclass's ``feed`` is not gone around."""
+    assert framing.make_framer("raw", LIMIT, DELAY).whole_reads
+    assert framing.make_framer("line", LIMIT, DELAY).whole_reads
+    assert framing.make_framer("auto", LIMIT, DELAY).whole_reads
+    assert not framing.make_framer("length", LIMIT, DELAY).whole_reads
+    assert not framing.user_framers(lambda: RawFramer(LIMIT), LIMIT).whole_reads
 
 
 def test_auto_after_an_overflow_frames_nothing_more() -> None:

@@ -302,6 +302,7 @@ class EndpointContext:
         "undecodable_reply",
         "utf8",
         "wheel",
+        "whole_reads",
         "write_buffer_high_bytes",
         "write_buffer_low_bytes",
     )
@@ -374,6 +375,8 @@ class EndpointContext:
             if isinstance(factory, FramerFactory)
             else user_framers(factory, config.max_line_bytes)
         )
+        # netframe's own raw, line or auto framers: a read may be taken whole (Framer._whole).
+        self.whole_reads = self.framer_factory.whole_reads
         # The framer's own reply encoding, when it has one (length framing, user
         # framers); False: replies are payload + terminator, with no call.
         trial = self.framer_factory()

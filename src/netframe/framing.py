@@ -62,6 +62,7 @@ LF: Final = b"\n"
 #: ``memchr`` path, where ``LF in data`` goes through the buffer protocol (about 8x
 #: the work on a short read, measured in instructions).
 _NEWLINE: Final = 10
+_RETURN: Final = 13  # b"\r"[0]
 #: Most messages one ``feed`` returns (see :class:`LineFramer`).
 MAX_BATCH: Final = 1024
 CRLF: Final = b"\r\n"
@@ -125,6 +126,21 @@ class Framer:
         """The bytes that carry one reply: by default the payload and the terminator of
         the message it answers (``b"\\n"`` for a line client, nothing for a bare one)."""
         return payload + terminator
+
+    def _whole(self, data: bytes) -> bytes | None:
+        """The endpoint's fast path for a read that is one whole message, which is most
+        reads: no list and no ``(payload, terminator)`` pair is made for it.
+
+        When ``data`` is exactly one complete message and the framer holds nothing
+        before it or after it, return the message's payload, which is ``data`` with at
+        most one line ending (``\\n`` or ``\\r\\n``) taken off its end: what was taken
+        off is the terminator. The framer is then left as :meth:`feed` would leave it.
+        Otherwise return None, having changed nothing, and the endpoint calls
+        :meth:`feed`. Only netframe's own framer classes are asked (see
+        :attr:`FramerFactory.whole_reads`): for a subclass, this would go around its
+        ``feed``.
+        """
+        return None
 
 
 class FramerLike(Protocol):
@@ -236,6 +252,9 @@ class RawFramer(Framer):
             return [(data, NONE)] if data else []
         return _pieces(data, self.max_bytes)
 
+    def _whole(self, data: bytes) -> bytes | None:
+        return data if 0 < len(data) <= self.max_bytes else None
+
     def eof(self) -> list[Message]:
         return []
 
@@ -304,6 +323,15 @@ class LineFramer(Framer):
         if not self.unparsed:
             self._check_partial()
         return messages
+
+    def _whole(self, data: bytes) -> bytes | None:
+        # feed's common case: one whole line and nothing held.
+        if self.partial or self.unparsed or self.overflow:
+            return None
+        end = len(data) - 1
+        if data.find(_NEWLINE) != end or end < 0 or end >= self.max_line_bytes:
+            return None
+        return data[: end - 1] if end and data[end - 1] == _RETURN else data[:end]
 
     def eof(self) -> list[Message]:
         """A partial line is dropped: the peer never finished it."""
@@ -411,6 +439,26 @@ class AutoFramer(LineFramer):
         self.wake_after = self._delay
         return messages
 
+    def _whole(self, data: bytes) -> bytes | None:
+        state = self._state
+        if state == _LINES:
+            return super()._whole(data)
+        size = len(data)
+        if state == _BARE:  # every read of at most the limit is one message
+            if not 0 < size <= self.max_line_bytes:
+                return None
+            if data[size - 1] != _NEWLINE:
+                return data
+            return data[: size - 2] if size > 1 and data[size - 2] == _RETURN else data[:-1]
+        # Undecided: the tutorial's first word, as in feed.
+        if self.partial or not 0 < size < SEGMENT_FLOOR or size > self.max_line_bytes:
+            return None
+        if _NEWLINE in data:
+            return None
+        self._state = _BARE
+        self.wake_after = None
+        return data
+
     def eof(self) -> list[Message]:
         if self._state == _UNDECIDED and self.partial:
             return self._bare()
@@ -510,7 +558,7 @@ class FramerFactory:
     """Makes the framer of each new connection: callable, or :meth:`make` from compiled
     code, which then calls the built-in framers' constructors directly."""
 
-    __slots__ = ("_delay", "_kind", "_limit", "_prefix", "_user")
+    __slots__ = ("_delay", "_kind", "_limit", "_prefix", "_user", "whole_reads")
 
     def __init__(
         self,
@@ -525,6 +573,9 @@ class FramerFactory:
         self._delay = bare_delay_s
         self._prefix = length_prefix_bytes
         self._user = user
+        #: Its framers are netframe's own raw, line or auto framers, whose
+        #: :meth:`Framer._whole` the endpoint may ask before :meth:`Framer.feed`.
+        self.whole_reads = kind in (_RAW, _LINE, _AUTO)
 
     def make(self) -> Framer:
         kind = self._kind

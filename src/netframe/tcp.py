@@ -51,7 +51,7 @@ from netframe._endpoint import (
     inet_text,
 )
 from netframe._unix import limit_key, unix_address
-from netframe.framing import LF, Framer, Message
+from netframe.framing import CRLF, LF, NONE, Framer, Message
 from netframe.handlers import CloseReason, Handler, InetAddress, PeerAddress, TlsInfo
 from netframe.handlers._interface import Network
 
@@ -64,6 +64,10 @@ _PAUSED_BY_QUEUE: Final = 2
 _BATCH_FLUSH: Final = 64
 #: Messages taken from ``_pending`` per call of ``_handle`` when catching up.
 _DRAIN_CHUNK: Final = 64
+# What handling one message of a batch says about the next (TcpEndpoint._handle_one).
+_NEXT: Final = 0
+_STOP: Final = 1
+_HOLD: Final = 2
 #: How long a closing connection may wait to deliver its last replies when no send
 #: timeout is set.
 _LINGER_S: Final = 30.0
@@ -160,6 +164,8 @@ class TcpEndpoint:
         "_peer_read",
         "_pending",
         "_registered",
+        "_reply",
+        "_replying",
         "_seen",
         "_sock",
         "_started",
@@ -196,8 +202,13 @@ class TcpEndpoint:
         # The socket of a stock asyncio selector transport, which this endpoint reads
         # and writes itself while the transport holds nothing unsent (see _adopt).
         self._sock: socket.socket | None = None
-        # Replies made while a batch of input is handled; None outside a batch, when
-        # sends write straight through (async handlers, after an await).
+        # While a batch of input is handled (or on_connect runs) replies are collected
+        # and written out in one piece at its end: the first in _reply, and all of them
+        # in _batch once there is a second (a read is mostly one message, one reply, and
+        # then no list is made). Outside a batch, sends write straight through (async
+        # handlers after an await, pushes).
+        self._replying = False
+        self._reply: bytes | None = None
         self._batch: list[bytes] | None = None
         self._terminator = self._framer.greeting_terminator
         self._closing = False
@@ -282,7 +293,7 @@ class TcpEndpoint:
                 self._log_peer = fast.opened(self.network, self._peer_text(), self.id)
             else:
                 self.log.info("connection_opened")
-        self._batch = []
+        self._replying = True
         try:
             # The user's factory runs here, not in the listener's protocol factory: an
             # exception there would stop uvloop from accepting any further connection.
@@ -299,12 +310,11 @@ class TcpEndpoint:
         else:
             if result is not None:
                 self._await(result, "on_connect")
-        greeting = self._batch
-        self._batch = None
-        if greeting:
-            data = greeting[0] if len(greeting) == 1 else b"".join(greeting)
-            self.bytes_out += len(data)
-            self._send_out(transport, data)
+        self._replying = False
+        greeting = self._take_replies()
+        if greeting is not None:
+            self.bytes_out += len(greeting)
+            self._send_out(transport, greeting)
         if self._closing:  # on_connect closed, or failed
             self._close_transport()
 
@@ -320,6 +330,22 @@ class TcpEndpoint:
             self._framer_timer.cancel()
             self._framer_timer = None
         framer = self._framer
+        if (
+            ctx.whole_reads
+            and self._waiting is None
+            and not self._pending
+            and not self._writes_paused
+            and (payload := framer._whole(data)) is not None
+        ):
+            # The read is one whole message and nothing else: no list, no pair.
+            self._message_started = 0.0
+            ending = len(data) - len(payload)
+            self._terminator = NONE if not ending else LF if ending == 1 else CRLF
+            self._replying = True
+            if self._handler is not None:
+                self._handle_one(payload)
+            self._end_batch()
+            return
         messages = framer.feed(data)
         if framer.partial:
             # A message has begun; it has begun now unless the same one was already
@@ -528,8 +554,7 @@ class TcpEndpoint:
             ctx = self._ctx
             message = message.encode() if ctx.utf8 else message.encode(ctx.encoding)
         self.messages_out += 1
-        batch = self._batch
-        if batch is not None:  # a reply, or the greeting: the common case
+        if self._replying:  # a reply, or the greeting: the common case
             terminator = self._terminator
         elif self._task is not None and asyncio.current_task() is self._task:
             terminator = self._terminator  # a reply after an await in async on_message
@@ -542,8 +567,8 @@ class TcpEndpoint:
             data = message + terminator
         else:
             data = message  # a bare or raw reply: no copy
-        if batch is not None:
-            batch.append(data)
+        if self._replying:
+            self._add_reply(data)
         else:
             self._write(data)
 
@@ -671,18 +696,8 @@ class TcpEndpoint:
 
     def _dispatch(self, messages: list[Message]) -> None:
         """Handle ``messages``, which come before everything in ``_pending``."""
-        if self._batch is None:
-            self._batch = []
-        handler = self._handler
-        if self._waiting is None and not self._closing and handler is not None:
-            ctx = self._ctx
-            hooks = self._hooks
-            # The class's function, called with the handler; else the bound method.
-            function = hooks.on_message
-            on_message = handler.on_message if function is None else None
-            text = hooks.text if hooks.text >= 0 else handler.text
-            encoding = ctx.encoding if text else None
-            batch = self._batch
+        self._replying = True
+        if self._waiting is None and self._handler is not None:
             # By index over the list: a compiled loop with no iterator object, and what
             # is left on an early stop is a slice.
             count = len(messages)
@@ -690,43 +705,62 @@ class TcpEndpoint:
             while index < count:
                 payload, self._terminator = messages[index]
                 index += 1
-                if self._closing:
-                    break
-                if payload is _OVERFLOW_PAYLOAD:
-                    self._refuse_overlong()
-                    break
-                self.messages_in += 1
-                if ctx.debug:
-                    self.log.debug("message_received", size=len(payload))
-                message: str | bytes = payload
-                if encoding is not None:
-                    try:
-                        message = payload.decode() if ctx.utf8 else payload.decode(encoding)
-                    except UnicodeDecodeError:
-                        self._refuse_undecodable()
-                        continue
-                try:
-                    if on_message is None:
-                        result = function(handler, self, message)
-                    else:
-                        result = on_message(self, message)
-                except Exception:
-                    self._handler_failed("on_message")
-                    break
-                if result is not None:
-                    self._await(result)
-                    self._requeue(messages[index:])
-                    break
-                if len(batch) >= _BATCH_FLUSH:
-                    self._flush()
-                    if self._writes_paused:
+                step = self._handle_one(payload)
+                if step != _NEXT:
+                    if step == _HOLD:
                         self._requeue(messages[index:])
-                        break
+                    break
+        self._end_batch()
+
+    def _handle_one(self, payload: bytes) -> int:
+        """Hand one message (ended by ``self._terminator``) to the handler, inside a
+        batch. Returns _NEXT to go on with the next message, _STOP to handle no more
+        (the connection is closing), or _HOLD when the next ones must wait: for an async
+        call, or for a peer that does not read its replies."""
+        if self._closing:
+            return _STOP
+        if payload is _OVERFLOW_PAYLOAD:
+            self._refuse_overlong()
+            return _STOP
+        self.messages_in += 1
+        ctx = self._ctx
+        if ctx.debug:
+            self.log.debug("message_received", size=len(payload))
+        handler: Any = self._handler
+        hooks = self._hooks
+        message: str | bytes = payload
+        if hooks.text > 0 or (hooks.text < 0 and handler.text):
+            try:
+                message = payload.decode() if ctx.utf8 else payload.decode(ctx.encoding)
+            except UnicodeDecodeError:
+                self._refuse_undecodable()
+                return _NEXT
+        # The class's function, called with the handler; else the bound method.
+        function = hooks.on_message
+        try:
+            if function is None:
+                result = handler.on_message(self, message)
+            else:
+                result = function(handler, self, message)
+        except Exception:
+            self._handler_failed("on_message")
+            return _STOP
+        if result is not None:
+            self._await(result)
+            return _HOLD
         batch = self._batch
-        self._batch = None
+        if batch is not None and len(batch) >= _BATCH_FLUSH:
+            self._flush()
+            if self._writes_paused:
+                return _HOLD
+        return _NEXT
+
+    def _end_batch(self) -> None:
+        """Write the batch's replies out in one piece; then close, if that is due."""
+        self._replying = False
+        data = self._take_replies()
         transport = self._transport
-        if batch and transport is not None:  # _flush, inlined
-            data = batch[0] if len(batch) == 1 else b"".join(batch)
+        if data is not None and transport is not None:  # _flush, inlined
             self.bytes_out += len(data)
             self._seen = self._ctx.now
             if self._sock is None:  # not stock asyncio's transport: no call to _send_out
@@ -738,18 +772,37 @@ class TcpEndpoint:
         elif self._ctx.stopping and not self._busy():
             self._close(_SERVER_SHUTDOWN)
 
+    def _add_reply(self, data: bytes) -> None:
+        """One more reply of the batch being handled."""
+        first = self._reply
+        if first is None:
+            self._reply = data
+        elif self._batch is None:
+            self._batch = [first, data]
+        else:
+            self._batch.append(data)
+
+    def _take_replies(self) -> bytes | None:
+        """The batch's replies so far as one ``bytes`` (None if there are none); the
+        batch holds none after."""
+        batch = self._batch
+        if batch is not None:
+            self._batch = None
+            self._reply = None
+            return b"".join(batch)
+        data = self._reply
+        self._reply = None
+        return data
+
     def _flush(self) -> None:
         """Write the batch so far (every ``_BATCH_FLUSH`` replies within one read)."""
-        batch = self._batch
+        data = self._take_replies()
         transport = self._transport
-        if not batch or transport is None:
+        if data is None or transport is None:
             return
         if transport.is_closing():  # the peer reset: nothing more is worth handling
             self._closing = True
-            batch.clear()
             return
-        data = b"".join(batch)
-        batch.clear()
         self.bytes_out += len(data)
         self._send_out(transport, data)
 
@@ -918,8 +971,8 @@ class TcpEndpoint:
         default, whatever message it answers: the client must be able to read it)."""
         self.messages_out += 1
         line = self._framer.encode(text, terminator)
-        if self._batch is not None:
-            self._batch.append(line)
+        if self._replying:
+            self._add_reply(line)
         else:
             self._write(line)
 
@@ -940,7 +993,7 @@ class TcpEndpoint:
         if self.close_reason in (None, _PEER_CLOSED):
             self.close_reason = reason
         self._closed_at = self._ctx.now
-        if self._batch is None:  # else _dispatch closes once the batch is written
+        if not self._replying:  # else the batch's end closes, once its replies are written
             self._close_transport()
 
     def _close_transport(self) -> None:
@@ -962,8 +1015,8 @@ class TcpEndpoint:
         self._closing = True
         if self.close_reason in (None, _PEER_CLOSED):
             self.close_reason = reason
-        if self._batch is not None:  # replies of the batch being handled are not written
-            self._batch.clear()
+        if self._replying:  # replies of the batch being handled are not written
+            self._take_replies()
         self._reset()
 
     def _reset(self) -> None:
