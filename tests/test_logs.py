@@ -10,6 +10,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import structlog
@@ -69,6 +70,43 @@ def test_a_closed_stream_drops_lines_without_raising() -> None:
     writer.stop()
     with contextlib.suppress(BrokenPipeError):
         stream.close()
+
+
+def writer_threads() -> int:
+    return sum(thread.name == "netframe-log" for thread in threading.enumerate())
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_the_writer_thread_runs_only_while_there_are_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started by the first line, ended when idle, started again by the next line: a
+    server that logs nothing runs on one thread."""
+    monkeypatch.setattr(logs, "_IDLE_S", 0.05)
+    assert wait_for(lambda: writer_threads() == 0)  # other tests' writers gone
+    stream = io.StringIO()
+    writer = LineWriter(stream)
+    assert writer_threads() == 0
+    writer.msg("first")
+    assert writer_threads() == 1
+    assert writer.flush(10)
+    assert wait_for(lambda: writer_threads() == 0)
+    for i in range(200):  # lines arriving while a thread decides to end are written too
+        writer.msg(f"line {i}")
+        if i % 50 == 0:
+            time.sleep(0.05)
+    assert writer.flush(10)
+    assert stream.getvalue().splitlines() == ["first", *(f"line {i}" for i in range(200))]
+    writer.stop()
+    assert wait_for(lambda: writer_threads() == 0)
+    writer.msg("after the stop")  # queued, and no thread is started for it
+    assert writer_threads() == 0
 
 
 PEERS = ["127.0.0.1:50312", "[fe80::1%eth0]:9", '/tmp/a "quoted" \\ säugling\n', "unknown"]

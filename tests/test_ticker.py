@@ -1,16 +1,20 @@
 """The server's tick (netframe._ticker): every TICK_S on each loop, without a pending timer
-on asyncio's own loop, whose every iteration would pay for one."""
+on asyncio's own loop, whose every iteration would pay for one, and (on Linux) without a
+thread, whose presence costs every socket call."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import sys
 import threading
 import time
 
 import pytest
 from conftest import raw_client, raw_receive, raw_receive_until_end, raw_send, wait_until
 
-from netframe import Server
+from netframe import Server, _ticker
+from netframe._resolve import getaddrinfo
 from netframe._ticker import start_ticker
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("loop_checked")]
@@ -20,9 +24,27 @@ def tick_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "netframe-tick" and t.is_alive()]
 
 
+def other_threads() -> set[str]:
+    """The threads running, but the log writer."""
+    return {t.name for t in threading.enumerate() if t.name != "netframe-log"}
+
+
+@pytest.fixture(params=["timerfd", "thread"])
+def ticker_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """On asyncio's loop, the Linux timerfd or the thread the tick falls back to."""
+    if request.param == "thread":
+
+        def refused(interval_s: float) -> int:
+            raise OSError("no timerfd here")
+
+        monkeypatch.setattr(_ticker, "timerfd", refused)
+    return str(request.param)
+
+
 async def test_the_tick_runs_with_no_timer_pending_on_asyncios_loop() -> None:
     loop = asyncio.get_running_loop()
     before = len(tick_threads())
+    threads_before = other_threads()
     server = Server(tcp=["127.0.0.1:0"], idle_timeout_s=0.3)
     await server.start()
     try:
@@ -31,11 +53,17 @@ async def test_the_tick_runs_with_no_timer_pending_on_asyncios_loop() -> None:
             await raw_send(sock, b"Ann\n")
             assert await raw_receive(sock, 12) == b"Hello, Ann!\n"
             if isinstance(loop, asyncio.BaseEventLoop):
-                # The heap the selector loop reads at every iteration holds nothing.
+                # The heap the selector loop reads at every iteration holds nothing ...
                 scheduled = loop._scheduled  # type: ignore[attr-defined]
                 timers = [h for h in scheduled if not h.cancelled()]
                 assert timers == []
-                assert len(tick_threads()) == before + 1
+                # ... and on Linux no thread ticks, nor is left from resolving the
+                # address (the log writer's, which ends when idle, is tested in test_logs).
+                if sys.platform == "linux":
+                    assert len(tick_threads()) == before
+                    assert other_threads() == threads_before
+                else:
+                    assert len(tick_threads()) == before + 1
             # The tick still runs the deadlines: the idle client is closed.
             started = time.monotonic()
             assert await raw_receive_until_end(sock) == b""
@@ -45,7 +73,7 @@ async def test_the_tick_runs_with_no_timer_pending_on_asyncios_loop() -> None:
     assert len(tick_threads()) == before  # the tick's thread ends with the server
 
 
-async def test_a_busy_loop_gets_one_tick_when_free_not_a_backlog() -> None:
+async def test_a_busy_loop_gets_one_tick_when_free_not_a_backlog(ticker_kind: str) -> None:
     loop = asyncio.get_running_loop()
     ticks: list[float] = []
     ticker = start_ticker(loop, 0.02, lambda: ticks.append(time.monotonic()))
@@ -65,7 +93,7 @@ async def test_a_busy_loop_gets_one_tick_when_free_not_a_backlog() -> None:
     assert len(ticks) == count  # cancelled means no further tick
 
 
-async def test_a_failing_tick_does_not_end_the_ticking() -> None:
+async def test_a_failing_tick_does_not_end_the_ticking(ticker_kind: str) -> None:
     loop = asyncio.get_running_loop()
     calls: list[int] = []
 
@@ -82,3 +110,34 @@ async def test_a_failing_tick_does_not_end_the_ticking() -> None:
     finally:
         ticker.cancel()
         loop.set_exception_handler(handler)
+
+
+def resolve_threads() -> int:
+    return sum(t.name == "netframe-resolve" for t in threading.enumerate())
+
+
+async def test_a_listeners_address_is_resolved_without_a_thread_left_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A numeric host is turned into an address at once; a name is looked up in a thread
+    of its own that ends with the lookup (the loop's executor would keep its thread)."""
+    assert await getaddrinfo("127.0.0.1", 7, kind=socket.SOCK_STREAM) == socket.getaddrinfo(
+        "127.0.0.1", 7, type=socket.SOCK_STREAM
+    )
+    assert resolve_threads() == 0
+    found = await getaddrinfo("localhost", 7, kind=socket.SOCK_DGRAM)
+    assert found == socket.getaddrinfo("localhost", 7, type=socket.SOCK_DGRAM)
+    await wait_until(lambda: resolve_threads() == 0)
+    # A lookup that fails raises the resolver's error in the awaiting task.
+    looked_up = threading.Event()
+
+    def refuse(host: str, port: int, **kwargs: object) -> list[object]:
+        if not kwargs["flags"]:  # (the numeric try carries AI_NUMERICHOST)
+            looked_up.set()
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    with pytest.raises(socket.gaierror, match="not known"):
+        await getaddrinfo("nowhere.invalid", 7, kind=socket.SOCK_STREAM)
+    assert looked_up.is_set()
+    await wait_until(lambda: resolve_threads() == 0)

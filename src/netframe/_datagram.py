@@ -17,6 +17,8 @@ import contextlib
 import socket
 from typing import Any, Final
 
+from netframe._resolve import getaddrinfo
+
 __all__ = [
     "ask_receive_buffer",
     "open_datagram_endpoint",
@@ -111,8 +113,7 @@ async def open_datagram_endpoint(
     Raises:
         OSError: the address cannot be resolved or bound (the reason is the system's).
     """
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    infos = await getaddrinfo(host, port, kind=socket.SOCK_DGRAM)
     family, type_, proto, _, sockaddr = infos[0]
     sock = socket.socket(family, type_, proto)
     try:

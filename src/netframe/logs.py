@@ -6,7 +6,8 @@ connection. :func:`configure_logging` is called by the command line and by
 own structlog configuration.
 
 Logging must never stop the server. Rendered lines go into a bounded queue that a
-thread of their own writes out, so a log reader that stalls (a full pipe) or vanishes
+thread of their own writes out (started by the first line, ended after a second with
+none), so a log reader that stalls (a full pipe) or vanishes
 (``netframe serve 2>&1 | head -1``) costs the event loop nothing: lines that do not fit
 or cannot be written are dropped, counted, and reported in one ``log_lines_dropped``
 event once writing works again. Python's own ``asyncio`` logger (where both loops report
@@ -49,6 +50,11 @@ _BATCH_LINES: Final = 512
 #: How long the writer lets lines gather after the first wakes it: log lines reach the
 #: stream up to this late, and a busy server writes them 512 at a time, not one by one.
 _GATHER_S: Final = 0.005
+#: A writer thread with nothing to write for this long ends; the next line starts one. A
+#: server that logs nothing (``--log-level warning``, held connections) then runs on one
+#: thread, and Linux takes the cheaper path for every socket call of a process whose
+#: descriptor table no other thread shares (no reference taken on the file, none dropped).
+_IDLE_S: Final = 1.0
 #: Stdlib records of one kind (the same message template) logged at most this often.
 STDLIB_LOG_INTERVAL_S: Final = 1.0
 
@@ -106,9 +112,11 @@ class LineWriter:
 
     Every log method only appends to a bounded deque (thread-safe, no lock held while
     writing), so the caller never waits on the stream. The thread writes queued lines in
-    batches; a batch that fails (closed pipe, closed file) is dropped and counted, as are
-    lines that arrive while the queue is full. After the next successful write,
-    ``on_recovered(count)`` is called once with the number dropped since the last report.
+    batches. It is started by the first line and ends after ``_IDLE_S`` with none, so a
+    process that logs nothing has no thread for it. A batch that fails (closed pipe,
+    closed file) is dropped and counted, as are lines that arrive while the queue is
+    full. After the next successful write, ``on_recovered(count)`` is called once with
+    the number dropped since the last report.
     """
 
     def __init__(
@@ -121,8 +129,9 @@ class LineWriter:
         self._max_write_bytes = max_write_bytes
         self._wake = threading.Event()
         #: The lines waiting; the event loop's side of it (and the per-connection lines,
-        #: which go in directly) is compiled with the hot path.
-        self.queue = LineQueue(max_lines, self._wake.set)
+        #: which go in directly) is compiled with the hot path. (Made below, once the
+        #: fields its wake-up reads exist.)
+        self.queue: LineQueue
         # True while the writer holds lines it took from the queue and has not written:
         # with the queue empty, that is all flush() must wait for.
         self._writing = False
@@ -132,8 +141,21 @@ class LineWriter:
         self._dropped_failed = 0
         self._reported = 0
         self.on_recovered: Any = None
-        self._thread = threading.Thread(target=self._run, name="netframe-log", daemon=True)
-        self._thread.start()
+        # Guards the decision to start a thread against one deciding to end.
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.queue = LineQueue(max_lines, self._wake_writer)
+
+    def _wake_writer(self) -> None:
+        """The queue's wake-up: lines wait. Start a writer thread if none is running."""
+        with self._lock:
+            self._wake.set()
+            thread = self._thread
+            if self._stopped or (thread is not None and thread.is_alive()):
+                return
+            thread = threading.Thread(target=self._run, name="netframe-log", daemon=True)
+            thread.start()
+            self._thread = thread
 
     @property
     def dropped(self) -> int:
@@ -166,7 +188,12 @@ class LineWriter:
         queue = self.queue
         lines = queue.lines
         while not self._stopped:
-            self._wake.wait()
+            if not self._wake.wait(_IDLE_S):
+                with self._lock:
+                    if not self._wake.is_set():  # (else a line came just now: go on)
+                        self._thread = None
+                        return
+                continue
             # Let the burst that woke us gather: one write for many lines, and the
             # event loop keeps the GIL meanwhile.
             time.sleep(_GATHER_S)

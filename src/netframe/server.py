@@ -42,6 +42,7 @@ from netframe._endpoint import TICK_S, EndpointContext
 from netframe._errors import Error, name_not_found
 from netframe._metrics_http import bind_metrics, serve_metrics
 from netframe._proxy_gate import ProxyGates
+from netframe._resolve import getaddrinfo
 from netframe._ticker import Ticker, start_ticker
 from netframe._tls import TlsGates, server_context
 from netframe._unix import FileIdentity, bind_unix_listener, remove_socket_file, unix_address
@@ -898,9 +899,8 @@ def _open_spare() -> int | None:
 
 async def _bind_tcp(address: Address, backlog: int) -> list[_GuardedListener]:
     """Listening sockets for every address ``address.host`` resolves to (all or none)."""
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(
-        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    infos = await getaddrinfo(
+        address.host, address.port, kind=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )
     sockets: list[_GuardedListener] = []
     try:
