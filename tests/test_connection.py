@@ -257,6 +257,40 @@ async def test_a_push_ends_with_the_framers_push_ending_and_a_reply_as_its_messa
         talker.close()
 
 
+class BytesLike(Handler):
+    """Answers with a bytearray it changes after sending, then a memoryview."""
+
+    text = False
+
+    def on_message(self, conn: Connection, message: bytes) -> None:
+        reply = bytearray(b"got " + message)
+        conn.send(reply)  # type: ignore[arg-type]  # bytes-like: accepted, and copied
+        reply[:] = b"changed"
+        conn.send(memoryview(b"[" + message + b"]")[1:-1])  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_a_bytes_like_reply_is_copied_when_sent_over_tcp_udp_and_in_memory() -> None:
+    async with serving(handler=BytesLike, framing="line") as server:
+        reader, writer = await asyncio.open_connection(*server.address("tcp"))
+        writer.write(b"ab\n")
+        assert await exactly(reader, 10) == b"got ab\nab\n"
+        writer.close()
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            udp.setblocking(False)
+            udp.connect(server.address("udp"))
+            udp.send(b"cd\n")
+            loop = asyncio.get_running_loop()
+            first = await asyncio.wait_for(loop.sock_recv(udp, 100), BOUND_S)
+            second = await asyncio.wait_for(loop.sock_recv(udp, 100), BOUND_S)
+            assert (first, second) == (b"got cd\n", b"cd\n")
+        finally:
+            udp.close()
+    memory = MemoryConnection(BytesLike, framing="line")
+    assert memory.feed(b"ef\n") == [b"got ef\n", b"ef\n"]
+
+
 def test_memory_connections_push_as_the_server_does() -> None:
     Room.members = []
     listener, talker = MemoryConnection(Room), MemoryConnection(Room)

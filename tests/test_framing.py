@@ -453,6 +453,13 @@ def test_a_user_framer_is_never_taken_whole() -> None:
     assert not framing.user_framers(lambda: RawFramer(LIMIT), LIMIT).whole_reads
 
 
+def test_auto_a_bare_read_of_only_a_line_ending_over_the_limit_is_an_empty_message() -> None:
+    framer = AutoFramer(1, DELAY)
+    assert framer.feed(b"a") == [(b"a", b"")]  # a bare client from now on
+    assert framer.feed(b"\r\n") == [(b"", b"\r\n")]  # two bytes, over the limit of one
+    assert framer.feed(b"bc\r\n") == [(b"b", b""), (b"c", b"\r\n")]
+
+
 def test_auto_after_an_overflow_frames_nothing_more() -> None:
     framer = AutoFramer(SMALL_LIMIT, DELAY)
     assert framer.feed(b"x" * (SMALL_LIMIT + 2)) == []

@@ -413,6 +413,8 @@ class AutoFramer(LineFramer):
         if state == _BARE:
             if len(data) > self.max_line_bytes:  # cut up, the line ending kept for the last
                 payload, ending = split_terminator(data)
+                if not payload:  # only a line ending ("\r\n" over a limit of 1)
+                    return [(payload, ending)]
                 pieces = _pieces(payload, self.max_line_bytes)
                 pieces[-1] = (pieces[-1][0], ending)
                 return pieces

@@ -547,12 +547,14 @@ class TcpEndpoint:
             )
         return self._log
 
-    def send(self, message: str | bytes) -> None:
+    def send(self, message: Any) -> None:  # str | bytes; a bytes-like is copied, never kept
         if self._closing:
             return
         if isinstance(message, str):
             ctx = self._ctx
             message = message.encode() if ctx.utf8 else message.encode(ctx.encoding)
+        elif type(message) is not bytes:
+            message = bytes(memoryview(message))  # (TypeError for what is not bytes-like)
         self.messages_out += 1
         if self._replying:  # a reply, or the greeting: the common case
             terminator = self._terminator
@@ -563,7 +565,7 @@ class TcpEndpoint:
         encode = self._encode
         if encode is not None:
             data = encode(message, terminator)
-        elif terminator or type(message) is not bytes:  # a bytes-like copied, never kept
+        elif terminator:
             data = message + terminator
         else:
             data = message  # a bare or raw reply: no copy
@@ -715,8 +717,9 @@ class TcpEndpoint:
     def _handle_one(self, payload: bytes) -> int:
         """Hand one message (ended by ``self._terminator``) to the handler, inside a
         batch. Returns _NEXT to go on with the next message, _STOP to handle no more
-        (the connection is closing), or _HOLD when the next ones must wait: for an async
-        call, or for a peer that does not read its replies."""
+        (the connection is closing: it was, or this message overflowed the framer, or the
+        handler failed), or _HOLD when the next ones must wait: for an async call, or for
+        a peer that does not read its replies."""
         if self._closing:
             return _STOP
         if payload is _OVERFLOW_PAYLOAD:
@@ -1016,7 +1019,7 @@ class TcpEndpoint:
         if self.close_reason in (None, _PEER_CLOSED):
             self.close_reason = reason
         if self._replying:  # replies of the batch being handled are not written
-            self._take_replies()
+            self._reply = self._batch = None
         self._reset()
 
     def _reset(self) -> None:

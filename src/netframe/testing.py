@@ -118,7 +118,10 @@ class MemoryConnection:
         """Record ``message`` as the wire bytes the peer would get, ended by the rule."""
         if self.closed:
             return
-        data = message.encode(self.encoding) if isinstance(message, str) else message
+        if isinstance(message, str):
+            data = message.encode(self.encoding)
+        else:  # a bytes-like is copied, as the server's connections do
+            data = message if type(message) is bytes else bytes(memoryview(message))
         answering = self._answering
         ending = self._framer.push_terminator if answering is None else answering
         self.sent.append(self._framer.encode(data, ending))

@@ -91,12 +91,14 @@ class UdpPeer:
     def log(self) -> FilteringBoundLogger:
         return self._endpoint.log.bind(peer=format_peer(self.addr))
 
-    def send(self, message: str | bytes) -> None:
+    def send(self, message: Any) -> None:  # str | bytes; a bytes-like is copied, never kept
         if self._closed:
             return
         if isinstance(message, str):
             ctx = self._endpoint.ctx
             message = message.encode() if ctx.utf8 else message.encode(ctx.encoding)
+        elif type(message) is not bytes:
+            message = bytes(memoryview(message))  # (TypeError for what is not bytes-like)
         self._endpoint.send_datagram(message + self._terminator, self.addr)
 
     def close(self) -> None:

@@ -208,7 +208,8 @@ class Connection(Protocol):
     def send(self, message: Message) -> None:
         """Queue ``message`` for the peer. A handler never writes line endings.
 
-        ``str`` is encoded with the server's encoding. How the reply ends:
+        ``str`` is encoded with the server's encoding; a ``bytearray`` or ``memoryview``
+        is copied when sent (changing it later changes nothing). How the reply ends:
 
         - a reply to a message ends as that message did (``\\n``, ``\\r\\n``, or nothing
           for a bare or raw message), also after an ``await`` in an async ``on_message``;
