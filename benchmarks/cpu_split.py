@@ -4,6 +4,7 @@ with a load generator in C.
     python benchmarks/cpu_split.py                      # bare sessions, 6 rounds, uvloop
     python benchmarks/cpu_split.py --rounds 4 --loop asyncio
     python benchmarks/cpu_split.py --work echo          # echo 1 KiB, 50 connections
+    python benchmarks/cpu_split.py --work echo --pure   # netframe's pure-Python build
 
 The comparison suite's figure is user + system time per operation, driven by netframe's
 own Python load generator, which can keep the server only about half busy on a two-core
@@ -68,9 +69,12 @@ def one_run(
 ) -> tuple[float, float, float]:
     """(operations a second, user µs an operation, system µs an operation) of one run."""
     port = free_port()
+    env = dict(os.environ)
+    if args.pure and side == "netframe":
+        env["NETFRAME_NO_EXTENSIONS"] = "1"
     server = subprocess.Popen(
         server_argv(side, args, port),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )  # fmt: skip
     try:
         os.sched_setaffinity(server.pid, {cpus[0]})
@@ -113,6 +117,8 @@ def main() -> int:
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--python", default=sys.executable,
                         help="the interpreter whose netframe is measured")  # fmt: skip
+    parser.add_argument("--pure", action="store_true",
+                        help="netframe's pure-Python build (NETFRAME_NO_EXTENSIONS=1)")  # fmt: skip
     args = parser.parse_args()
     if args.conns is None:
         args.conns = 50 if args.work == "echo" else 20
@@ -135,7 +141,9 @@ def main() -> int:
                 found.append((rate, user, system))
                 print(f"round {number}  {side:8} {rate:8,.0f} {unit}s/s  user {user:6.2f}  "
                       f"system {system:6.2f}  total {user + system:6.2f} µs a {unit}")  # fmt: skip
-    print(f"\nmedians over {args.rounds} rounds ({args.work}, {args.loop}), µs a {unit}:")
+    build = "pure" if args.pure else "as installed"
+    print(f"\nmedians over {args.rounds} rounds ({args.work}, {args.loop}, netframe {build}), "
+          f"µs a {unit}:")  # fmt: skip
     for side, found in runs.items():
         user, system = (statistics.median(run[i] for run in found) for i in (1, 2))
         print(f"  {side:8} user {user:6.2f}  system {system:6.2f}")

@@ -111,6 +111,11 @@ def _selector_transport() -> type | None:
 
 
 _SELECTOR_TRANSPORT: Final = _selector_transport()
+# The socket's own methods, called with the (adopted, exactly socket.socket) socket: from
+# compiled code, ``sock.recv(n)`` looks the method up by name on every call, where a
+# method descriptor held here is called as it is.
+_RECV: Final = socket.socket.recv
+_SEND: Final = socket.socket.send
 
 
 class _Transport(Protocol):
@@ -825,7 +830,7 @@ class TcpEndpoint:
             state: Any = transport
             if not state._buffer and not state._conn_lost:
                 try:
-                    sent = sock.send(data)
+                    sent = _SEND(sock, data)
                 except (BlockingIOError, InterruptedError):
                     sent = 0
                 except OSError as exc:  # as write() itself fails the transport
@@ -849,6 +854,8 @@ class TcpEndpoint:
             return  # what _send_out reads, per reply
         try:
             sock = transport._sock
+            if type(sock) is not socket.socket:  # its recv and send may be its own
+                return
             transport._read_ready_cb = self._on_readable
         except AttributeError:
             return
@@ -862,7 +869,7 @@ class TcpEndpoint:
         sock = self._sock
         assert sock is not None
         try:
-            data = sock.recv(self._ctx.read_size)
+            data = _RECV(sock, self._ctx.read_size)
         except (BlockingIOError, InterruptedError):
             return
         except (SystemExit, KeyboardInterrupt):
