@@ -54,7 +54,7 @@ from netframe.logs import configure_logging, flush_logs, get_logger, lifecycle_l
 from netframe.loops import EOF_BEFORE_CLOSE, loop_factory, loop_lacks, resolve_loop_name
 from netframe.metrics import Snapshot, require, snapshot
 from netframe.systemd import Handover, take
-from netframe.tcp import TcpEndpoint
+from netframe.tcp import EndpointFactory, TcpEndpoint
 from netframe.udp import UdpEndpoint
 
 __all__ = ["BoundAddress", "ListenError", "RunInLoopError", "Server", "StartError"]
@@ -575,8 +575,8 @@ class Server:
             # buffer, this is cheaper (docs/design.md, "The walk a byte takes"). uvloop
             # reads into a buffer of its own.
             ctx.read_size = STANDARD_READ_BYTES
-        # A partial: the loop calls it per connection, in C, with no Python frame.
-        make_endpoint: Callable[[], TcpEndpoint] = functools.partial(TcpEndpoint, ctx, network)
+        # Compiled, the loop calls it per connection with no Python frame.
+        make_endpoint: Callable[[], TcpEndpoint] = EndpointFactory(ctx, network)
         factory: Callable[[], Any] = make_endpoint
         if self._tls_gates is not None:  # the handshake, then the endpoint (_tls)
             factory = self._tls_gates.factory(network)

@@ -136,6 +136,24 @@ class _Transport(Protocol):
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None: ...
 
 
+class EndpointFactory:
+    """A listener's protocol factory: a new :class:`TcpEndpoint` for each connection.
+
+    Compiled, the loop's call reaches a native constructor with no arguments to parse;
+    ``functools.partial(TcpEndpoint, ctx, network)`` called the class, whose arguments
+    then go through the generic tuple-and-keywords parser on every connection.
+    """
+
+    __slots__ = ("ctx", "network")
+
+    def __init__(self, ctx: EndpointContext, network: Network = "tcp") -> None:
+        self.ctx = ctx
+        self.network: Network = network
+
+    def __call__(self) -> TcpEndpoint:
+        return TcpEndpoint(self.ctx, self.network)
+
+
 class TcpEndpoint:
     """One TCP connection: asyncio transport on one side, framer and handler on the other.
 
