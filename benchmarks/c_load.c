@@ -5,11 +5,15 @@
  *   bare: the seeds' bare session. Connect, read "Welcome!", send "c1", read
  *         "Hello, c1!", send "exit", read the server's close, close; then the next
  *         session. An operation is a session.
+ *   greet: the seeds' bare words on a connection held open. Connect, read "Welcome!",
+ *         then send "c1" and read "Hello, c1!", again and again. An operation is a
+ *         round trip.
  *   echo: SIZE bytes sent on a connection held open, read back whole and compared, then
  *         sent again. An operation is a round trip. (A server that greets is wrong.)
  *
  *   cc -O2 -o c_load benchmarks/c_load.c
  *   ./c_load bare PORT CONNS SECONDS WARMUP_SECONDS
+ *   ./c_load greet PORT CONNS SECONDS WARMUP_SECONDS
  *   ./c_load echo PORT CONNS SECONDS WARMUP_SECONDS SIZE
  * Prints "OPERATIONS ERRORS SECONDS": the operations completed in the SECONDS after the
  * warm-up. benchmarks/cpu_split.py runs it against netframe and the raw server. */
@@ -36,7 +40,8 @@ struct conn {
 };
 
 static int ep;
-static int echo;      /* the work: 0 bare, 1 echo */
+static int echo;      /* the work: echo */
+static int greet;     /* the work: greet (bare words on a held connection) */
 static size_t size;   /* echo: bytes a message */
 static char *payload; /* echo: the message */
 static struct sockaddr_in server;
@@ -79,18 +84,19 @@ static int send_all(struct conn *c, const char *data, size_t length) {
     return 0;
 }
 
-/* Bare: wait for `want` bytes equal to `text`; then send `next` and move to `state`. */
-static void step(struct conn *c, const char *text, size_t want, const char *next,
-                 enum state state) {
+/* Bare and greet: wait for `want` bytes equal to `text`; then send `next` and move to
+ * `state`. 1 when that was done; 0 while bytes are missing, or after an error. */
+static int step(struct conn *c, const char *text, size_t want, const char *next,
+                enum state state) {
     if (c->got < want)
-        return;
+        return 0;
     if (c->got != want || memcmp(c->buf, text, want) != 0) {
         again(c, 0);
-        return;
+        return 0;
     }
     c->got = 0;
     c->state = state;
-    send_all(c, next, strlen(next));
+    return send_all(c, next, strlen(next));
 }
 
 static void readable(struct conn *c, unsigned events) {
@@ -120,6 +126,8 @@ static void readable(struct conn *c, unsigned events) {
     c->got += (size_t)r;
     if (c->state == WELCOME) {
         step(c, "Welcome!", 8, "c1", HELLO);
+    } else if (c->state == HELLO && greet) {
+        done += step(c, "Hello, c1!", 10, "c1", HELLO); /* a round trip, the next sent */
     } else if (c->state == HELLO) {
         step(c, "Hello, c1!", 10, "exit", CLOSING);
     } else if (c->got == size) { /* ECHOING: a whole message back */
@@ -135,8 +143,10 @@ static void readable(struct conn *c, unsigned events) {
 
 int main(int argc, char **argv) {
     echo = argc == 7 && strcmp(argv[1], "echo") == 0;
-    if (!(echo || (argc == 6 && strcmp(argv[1], "bare") == 0))) {
+    greet = argc == 6 && strcmp(argv[1], "greet") == 0;
+    if (!(echo || greet || (argc == 6 && strcmp(argv[1], "bare") == 0))) {
         fprintf(stderr, "usage: c_load bare PORT CONNS SECONDS WARMUP_SECONDS\n"
+                        "       c_load greet PORT CONNS SECONDS WARMUP_SECONDS\n"
                         "       c_load echo PORT CONNS SECONDS WARMUP_SECONDS SIZE\n");
         return 2;
     }

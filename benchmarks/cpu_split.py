@@ -3,12 +3,14 @@ with a load generator in C.
 
     python benchmarks/cpu_split.py                      # bare sessions, 6 rounds, uvloop
     python benchmarks/cpu_split.py --rounds 4 --loop asyncio
+    python benchmarks/cpu_split.py --work greet         # bare words, 50 held connections
     python benchmarks/cpu_split.py --work echo          # echo 1 KiB, 50 connections
     python benchmarks/cpu_split.py --work echo --pure   # netframe's pure-Python build
 
 The comparison suite's figure is user + system time per operation, driven by netframe's
 own Python load generator, which can keep the server only about half busy on a two-core
-machine. This drives the seeds' bare session, or echo round trips
+machine. This drives the seeds' bare session, their bare words on held connections, or
+echo round trips
 (``benchmarks/c_load.c``, built with ``cc``), from a client that costs far less, so the
 server runs closer to its limit, as an outside load generator in C would have it, and
 it splits the server's time into user
@@ -36,7 +38,7 @@ from netframe.bench._run import free_port, wait_until_listening
 
 HERE = Path(__file__).resolve().parent
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
-UNITS = {"bare": "session", "echo": "round trip"}  # what one operation of the work is
+UNITS = {"bare": "session", "greet": "round trip", "echo": "round trip"}  # one operation
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -46,7 +48,7 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 
 
 def server_argv(side: str, args: argparse.Namespace, port: int) -> list[str]:
-    """The server: netframe on its defaults (bare: auto framing) or with the echo
+    """The server: netframe on its defaults (bare, greet: auto framing) or with the echo
     handler on raw framing, as the comparison suite runs it; or the raw server."""
     if side == "netframe":
         work = ("--handler", "echo", "--framing", "raw") if args.work == "echo" else ()
@@ -111,8 +113,9 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=3.0, help="seconds measured per run")
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--work", choices=tuple(UNITS), default="bare",
-                        help="the seeds' bare session, or echo round trips")  # fmt: skip
-    parser.add_argument("--conns", type=int, help="connections at once (bare 20, echo 50)")
+                        help="the seeds' bare session, bare words on held connections, or "
+                        "echo round trips")  # fmt: skip
+    parser.add_argument("--conns", type=int, help="connections at once (bare 20, else 50)")
     parser.add_argument("--size", type=int, default=1024, help="echo: bytes a message")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--python", default=sys.executable,
@@ -121,7 +124,7 @@ def main() -> int:
                         help="netframe's pure-Python build (NETFRAME_NO_EXTENSIONS=1)")  # fmt: skip
     args = parser.parse_args()
     if args.conns is None:
-        args.conns = 50 if args.work == "echo" else 20
+        args.conns = 20 if args.work == "bare" else 50
     unit = UNITS[args.work]
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2 or shutil.which("cc") is None:

@@ -280,13 +280,15 @@ def run_c_load(c_load: Path, work: str, port: int, *more: str) -> tuple[int, int
     return int(operations), int(errors)
 
 
+@pytest.mark.parametrize("work", ["bare", "greet"])
 @pytest.mark.parametrize("name", ["netframe-uvloop", "netframe-asyncio", "raw-uvloop"])
-def test_the_c_load_generator_completes_bare_sessions_without_errors(
-    c_load: Path, name: str
+def test_the_c_load_generator_speaks_the_seeds_bare_exchange_without_errors(
+    c_load: Path, name: str, work: str
 ) -> None:
+    """Whole sessions (bare), and bare words on held connections (greet)."""
     with started(name, "bare-greeting") as port:
-        sessions, errors = run_c_load(c_load, "bare", port)
-    assert sessions > 0
+        operations, errors = run_c_load(c_load, work, port)
+    assert operations > 0
     assert errors == 0
 
 
