@@ -17,7 +17,7 @@ import datetime
 import json
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 __all__ = ["ConnectionLog", "LineQueue", "seconds_text", "timestamp"]
 
@@ -80,7 +80,10 @@ def seconds_text(micros: int) -> str:
     microseconds is written as its decimal with the trailing zeros dropped (a test holds
     the two equal); below that ``repr`` writes an exponent, and is asked."""
     if micros < 100 or micros >= 10**15:
-        return repr(micros / 1_000_000)
+        # Python's division, correctly rounded: compiled, an int / int of native ints is
+        # a division of two doubles, and an int above 2**53 loses its last digits first.
+        exact: Any = micros
+        return repr(exact / 1_000_000)
     whole = micros // 1_000_000  # (divmod is a generic call for mypyc; these are native)
     fraction = micros - whole * 1_000_000
     if not fraction:
