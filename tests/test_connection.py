@@ -291,6 +291,31 @@ async def test_a_bytes_like_reply_is_copied_when_sent_over_tcp_udp_and_in_memory
     assert memory.feed(b"ef\n") == [b"got ef\n", b"ef\n"]
 
 
+class SendsNumbers(Handler):
+    """Sends what is not bytes-like when asked to, else echoes."""
+
+    text = False
+
+    def on_message(self, conn: Connection, message: bytes) -> None:
+        conn.send(42 if message == b"bad" else message)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_a_send_of_what_is_not_bytes_like_closes_only_that_connection() -> None:
+    async with serving(handler=SendsNumbers, framing="line", udp=[]) as server:
+        good_reader, good = await asyncio.open_connection(*server.address("tcp"))
+        bad_reader, bad = await asyncio.open_connection(*server.address("tcp"))
+        with capture_logs() as logs:
+            bad.write(b"bad\n")
+            assert await until_closed(bad_reader) == b""
+        errors = [e for e in logs if e["event"] == "handler_error"]
+        assert [e["hook"] for e in errors] == ["on_message"]
+        good.write(b"still here\n")
+        assert await exactly(good_reader, 11) == b"still here\n"
+        good.close()
+        bad.close()
+
+
 def test_memory_connections_push_as_the_server_does() -> None:
     Room.members = []
     listener, talker = MemoryConnection(Room), MemoryConnection(Room)
